@@ -1,0 +1,76 @@
+//! Picks the Burn device for a backend name. CPU backends are always compiled in; GPU backends
+//! need their cargo feature, and asking for one that is missing is a clear error, not a panic.
+
+use anyhow::Result;
+use burn::tensor::Device;
+
+use crate::config::BackendKind;
+
+/// The (non-autodiff) device for `kind`.
+#[allow(deprecated)] // ndarray is deprecated upstream in favour of flex, but kiln offers both.
+pub fn device(kind: BackendKind) -> Result<Device> {
+    match kind {
+        BackendKind::Flex => Ok(Device::flex()),
+        BackendKind::Ndarray => Ok(Device::ndarray()),
+        BackendKind::Wgpu => wgpu_device(),
+        BackendKind::Cuda => cuda_device(),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> Result<Device> {
+    let device = Device::wgpu(Default::default());
+    probe(&device, "wgpu")?;
+    Ok(device)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> Result<Device> {
+    anyhow::bail!(
+        "this kiln was built without the `wgpu` backend; rebuild with `--features wgpu` \
+         (e.g. `cargo run --release --features wgpu -- train ...`)"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    let device = Device::cuda(0);
+    probe(&device, "cuda")?;
+    Ok(device)
+}
+
+/// GPU runtimes initialise lazily and panic when no adapter exists; run one tiny operation
+/// here, with the panic caught and kept off the terminal, so that a missing GPU is an error.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn probe(device: &Device, name: &str) -> Result<()> {
+    use burn::tensor::Tensor;
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| Tensor::<1>::ones([4], device).sum().into_scalar::<f32>());
+    std::panic::set_hook(hook);
+    match result {
+        Ok(v) if v == 4.0 => Ok(()),
+        Ok(v) => anyhow::bail!("the {name} device computed 1+1+1+1 = {v}; refusing to train on it"),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            anyhow::bail!("no usable {name} device: {why}")
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    anyhow::bail!(
+        "this kiln was built without the `cuda` backend; rebuild with `--features cuda` \
+         (needs the CUDA toolkit)"
+    )
+}
+
+/// Whether results on this backend are expected to be bit-for-bit reproducible.
+pub fn is_cpu(kind: BackendKind) -> bool {
+    matches!(kind, BackendKind::Flex | BackendKind::Ndarray)
+}

@@ -1,0 +1,279 @@
+//! The sidecar `<name>.meta.json`: everything a resume needs besides tensors, plus the size
+//! and SHA-256 of each tensor file. It is written last, so a checkpoint exists only once it
+//! is complete, and loading verifies the checksums before trusting the tensors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::data::DataPosition;
+use crate::metrics::MetricRecord;
+use crate::model::LlamaShape;
+use crate::optim::AdamWConfig;
+use crate::safetensors_io::{FileDigest, digest_file};
+use crate::schedule::WarmupCosine;
+
+use super::policy::Mode;
+
+/// Bumped when the sidecar or tensor-file layout changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The Burn version kiln is built against (checked against Cargo.lock by a test).
+pub const BURN_VERSION: &str = "0.22.1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KindLabel {
+    Latest,
+    Best,
+    Epoch,
+    Step,
+}
+
+/// A tensor file of the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// `weights` or `optimizer`.
+    pub role: String,
+    /// File name, relative to the sidecar's directory.
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Where randomness comes from. kiln keeps no opaque generator state: every random draw is a
+/// pure function of the seed and a counter recorded elsewhere in the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    /// Batch order: ChaCha8 seeded from `(seed, data_position.epoch)`.
+    pub data_order: String,
+    /// Backend RNG (dropout): reseeded before every step from `(seed, global_step)`.
+    pub backend: String,
+}
+
+impl RngState {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            data_order: "chacha8(seed ^ epoch * 0x9E3779B97F4A7C15): offset, then shuffle".into(),
+            backend: "device.seed(splitmix64(seed, global_step)) before each step".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    pub schedule: WarmupCosine,
+    /// The schedule position: the learning rate of the next step is `lr(step)`.
+    pub step: usize,
+    pub next_lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerState {
+    pub name: String,
+    pub hyperparameters: AdamWConfig,
+    /// Steps taken (AdamW's bias-correction time step).
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestMetricState {
+    pub name: String,
+    pub mode: Mode,
+    pub value: f64,
+    pub step: usize,
+}
+
+/// Training losses summed since the last `metrics.jsonl` line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogWindowState {
+    pub loss_sum: f64,
+    pub grad_norm_sum: f64,
+    pub steps: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStoppingState {
+    pub patience: usize,
+    pub evals_without_improvement: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub format_version: u32,
+    pub kind: KindLabel,
+    pub name: String,
+    /// Epoch the run is in (0-based; equals the number of completed epochs).
+    pub epoch: usize,
+    pub global_step: usize,
+    pub data_position: DataPosition,
+    pub rng: RngState,
+    pub lr_schedule: ScheduleState,
+    pub optimizer: OptimizerState,
+    /// EMA decay when the optimizer file carries EMA weights.
+    pub ema_decay: Option<f64>,
+    /// The most recent value of each metric at save time.
+    pub metrics: BTreeMap<String, f64>,
+    pub best_metric: Option<BestMetricState>,
+    pub early_stopping: EarlyStoppingState,
+    pub metrics_history: Vec<MetricRecord>,
+    pub log_window: LogWindowState,
+    pub model: LlamaShape,
+    pub config: Config,
+    /// The run's `tokenizer.json`, so a resume tokenizes exactly as before.
+    pub tokenizer: serde_json::Value,
+    /// SHA-256 of the training corpus.
+    pub data_sha256: String,
+    /// When the run started (RFC 3339), and seconds spent training so far over all sessions.
+    pub started_at: String,
+    pub train_seconds: f64,
+    pub created_at: String,
+    pub kiln_version: String,
+    pub burn_version: String,
+    pub backend: String,
+    pub files: Vec<FileEntry>,
+}
+
+/// The three paths of checkpoint `name` in `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointPaths {
+    pub weights: PathBuf,
+    pub optim: PathBuf,
+    pub sidecar: PathBuf,
+}
+
+impl CheckpointPaths {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            weights: dir.join(format!("{name}.safetensors")),
+            optim: dir.join(format!("{name}.optim.safetensors")),
+            sidecar: dir.join(format!("{name}.meta.json")),
+        }
+    }
+
+    /// The checkpoint a user-given path refers to: any of its three files, or the name.
+    pub fn from_any(path: &Path) -> Self {
+        let dir = super::storage::parent(path);
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = [".optim.safetensors", ".meta.json", ".safetensors"]
+            .iter()
+            .find_map(|suffix| file.strip_suffix(suffix))
+            .unwrap_or(&file);
+        Self::new(dir, name)
+    }
+
+    pub fn name(&self) -> String {
+        let file = self.sidecar.file_name().unwrap_or_default().to_string_lossy();
+        file.trim_end_matches(".meta.json").to_string()
+    }
+
+    pub fn all(&self) -> [&Path; 3] {
+        [&self.weights, &self.optim, &self.sidecar]
+    }
+}
+
+/// Why a checkpoint cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{0}: no such checkpoint (its sidecar is missing, so it was never completed)")]
+    Missing(PathBuf),
+    #[error("{path}: unreadable sidecar: {reason}")]
+    Sidecar { path: PathBuf, reason: String },
+    #[error("{path}: sidecar format_version {found} is not supported (this kiln reads {FORMAT_VERSION})")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: {problem}")]
+    File { path: PathBuf, problem: String },
+}
+
+impl Sidecar {
+    pub fn read(path: &Path) -> Result<Self, CheckpointError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::Missing(path.to_path_buf()));
+            }
+            Err(e) => {
+                return Err(CheckpointError::Sidecar {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        // Check the version before the full schema, so an old or future file says so.
+        let version = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("format_version").and_then(|v| v.as_u64()));
+        if let Some(found) = version
+            && found != u64::from(FORMAT_VERSION)
+        {
+            return Err(CheckpointError::Version {
+                path: path.to_path_buf(),
+                found: found as u32,
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("sidecars always serialize")
+    }
+
+    /// Checks every tensor file against the size and SHA-256 recorded here.
+    pub fn verify_files(&self, dir: &Path) -> Result<(), CheckpointError> {
+        for entry in &self.files {
+            let path = dir.join(&entry.name);
+            if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
+                return Err(CheckpointError::File {
+                    path,
+                    problem: "the sidecar names a file outside the checkpoint directory".into(),
+                });
+            }
+            let found = digest_file(&path).map_err(|e| CheckpointError::File {
+                path: path.clone(),
+                problem: format!("cannot read: {e}"),
+            })?;
+            if found.bytes != entry.bytes {
+                return Err(CheckpointError::File {
+                    path,
+                    problem: format!(
+                        "is {} bytes but the sidecar recorded {} (truncated or replaced)",
+                        found.bytes, entry.bytes
+                    ),
+                });
+            }
+            if found.sha256 != entry.sha256 {
+                return Err(CheckpointError::File {
+                    path,
+                    problem: "SHA-256 does not match the sidecar (the file is corrupted)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry for a role (`weights` or `optimizer`).
+    pub fn file(&self, role: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.role == role)
+    }
+}
+
+impl FileEntry {
+    pub fn new(role: &str, name: &str, digest: FileDigest) -> Self {
+        Self {
+            role: role.into(),
+            name: name.into(),
+            bytes: digest.bytes,
+            sha256: digest.sha256,
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The `kiln` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{BackendKind, Config};
+use crate::train::{Learner, StopReason, install_signal_handler};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train Llama-style language models with Burn, on CPU or GPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model from a TOML config.
+    Train(TrainArgs),
+    /// Export any checkpoint as a Hugging Face-compatible inference bundle.
+    Export(ExportArgs),
+    /// Generate text with a bundle or a Hugging Face Llama directory.
+    Generate(GenerateArgs),
+    /// Mean cross-entropy (nats/token) and perplexity of a model on a text file.
+    Eval(EvalArgs),
+    /// Show a .safetensors file's tensors and metadata (and, for a checkpoint, its sidecar and
+    /// whether its checksums verify).
+    Inspect(InspectArgs),
+    /// List the checkpoints of a run: kind, epoch, step, tracked metric, size, validity.
+    Checkpoints(CheckpointsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The checkpoint (any of its files).
+    #[arg(long, value_name = "CKPT")]
+    pub checkpoint: PathBuf,
+    /// Version in the bundle name; defaults to the run's `export.version`.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Bundle directory; defaults to `<output_dir>/models/inference/model_<version>_step<N>`.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Shard the weights past this size ("500MB", "2GB", or bytes); defaults to the run's.
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
+}
+
+/// How to load a model directory.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A kiln bundle or a Hugging Face Llama directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Rename stored tensors: `PATTERN=REPLACEMENT` (regex, `$1` for groups; repeatable).
+    #[arg(long = "key-map", value_name = "PATTERN=REPLACEMENT")]
+    pub key_map: Vec<String>,
+    /// Keep a fresh initialisation for tensors the files lack instead of failing.
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// Backend to run on.
+    #[arg(long, value_parser = parse_backend, default_value = "flex")]
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample among the K most likely tokens only.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// UTF-8 text to score.
+    #[arg(long, value_name = "FILE")]
+    pub text_file: PathBuf,
+    /// Tokens of context per window; defaults to the training sequence length of a kiln
+    /// bundle, else the model's maximum.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A .safetensors file (model weights, optimizer state, or any other).
+    pub file: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    /// A checkpoint directory (e.g. outputs/checkpoints) or a run's output directory.
+    pub dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The run's TOML config (see README.md for every key).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Continue from a checkpoint (any of its files, e.g.
+    /// outputs/checkpoints/checkpoint_latest.safetensors).
+    #[arg(long, value_name = "CKPT")]
+    pub resume: Option<PathBuf>,
+    /// Backend to train on; overrides `training.backend`.
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<BackendKind>,
+    /// Output directory; overrides `output_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Override one config key, e.g. `--set training.max_steps=200` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    BackendKind::parse(s).ok_or_else(|| {
+        format!("unknown backend `{s}`; expected one of flex, ndarray, wgpu, cuda")
+    })
+}
+
+/// Entry point of the binary: runs the command and turns errors into one message and a
+/// non-zero exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(args),
+        Command::Export(args) => export(args),
+        Command::Generate(args) => generate(args),
+        Command::Eval(args) => eval(args),
+        Command::Inspect(args) => crate::inspect::inspect(&args.file, args.json),
+        Command::Checkpoints(args) => crate::inspect::checkpoints(&args.dir, args.json),
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.set.clone();
+    if let Some(backend) = args.backend {
+        overrides.push(format!("training.backend=\"{}\"", backend.name()));
+    }
+    if let Some(dir) = &args.output_dir {
+        overrides.push(format!("output_dir={}", toml_string(&dir.display().to_string())));
+    }
+    let config = Config::load(&args.config, &overrides)?;
+    let mut learner = match &args.resume {
+        Some(ckpt) => Learner::resume(config, ckpt)?,
+        None => Learner::new(config)?,
+    };
+    learner.progress = true;
+    install_signal_handler()?;
+    if args.resume.is_some() {
+        eprintln!(
+            "kiln: resuming at step {} (epoch {}, batch {} of it)",
+            learner.step,
+            learner.epoch(),
+            learner.data_position().batch_in_epoch
+        );
+    }
+    eprintln!(
+        "kiln: training {} parameters on {} ({} tokens/batch, vocab {}) -> {}",
+        learner.shape.num_params(),
+        learner.config.training.backend.name(),
+        learner.config.training.batch_size * learner.config.data.seq_len,
+        learner.shape.vocab_size,
+        learner.config.output_dir.display()
+    );
+    let summary = learner.fit()?;
+    for dir in &learner.exported {
+        eprintln!("kiln: exported {}", dir.display());
+    }
+    let why = match summary.stop_reason {
+        StopReason::MaxSteps => "reached training.max_steps",
+        StopReason::Epochs => "completed training.epochs",
+        StopReason::EarlyStopping => "early stopping",
+        StopReason::Interrupted => "interrupted; checkpoint_latest saved",
+    };
+    eprintln!(
+        "kiln: done after {} steps in {:.1}s ({why}); final val_loss {}, best {}",
+        summary.steps,
+        summary.wall_seconds,
+        summary
+            .final_val_loss
+            .map_or("n/a".into(), |v| format!("{v:.4}")),
+        summary
+            .best
+            .map_or("n/a".into(), |b| format!("{:.4} at step {}", b.value, b.step)),
+    );
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let ck = crate::checkpoint::load(&args.checkpoint)?;
+    let config = &ck.sidecar.config;
+    let version = args.version.unwrap_or_else(|| config.export.version.clone());
+    let max_shard = crate::export::parse_size(
+        args.max_shard_size.as_deref().unwrap_or(&config.export.max_shard_size),
+    )?;
+    let out = match args.out {
+        Some(out) => out,
+        None => {
+            // <output_dir>/checkpoints/<ckpt> -> <output_dir>/models/inference/...
+            let run_dir = crate::checkpoint::storage::parent(&ck.paths.weights)
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            run_dir
+                .join("models")
+                .join("inference")
+                .join(format!("model_{version}_step{}", ck.sidecar.global_step))
+        }
+    };
+    let report = crate::export::export_checkpoint(&ck, &out, max_shard)?;
+    println!(
+        "exported {} (step {}) to {} ({} weight file{})",
+        ck.sidecar.name,
+        ck.sidecar.global_step,
+        report.dir.display(),
+        report.shards,
+        if report.shards == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+fn load_model(args: &ModelArgs) -> Result<(crate::pretrained::Pretrained, burn::tensor::Device)> {
+    let device = crate::backend::device(args.backend)?;
+    let mut options = crate::pretrained::LoadOptions::with_rules(&args.key_map)?;
+    options.allow_partial = args.allow_partial;
+    let p = crate::pretrained::load(&args.model, &device, &options)?;
+    for (stored, used) in &p.report.renamed {
+        eprintln!("kiln: loaded `{stored}` as `{used}`");
+    }
+    if !p.report.unexpected.is_empty() {
+        eprintln!("kiln: unused tensors in {}: {}", args.model.display(), p.report.unexpected.join(", "));
+    }
+    if !p.report.missing.is_empty() {
+        eprintln!("kiln: missing tensors kept at their initialisation: {}", p.report.missing.join(", "));
+    }
+    Ok((p, device))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let (p, device) = load_model(&args.model)?;
+    let tokenizer = p.tokenizer.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("{} has no tokenizer.json, so text cannot be encoded", args.model.model.display())
+    })?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let options = crate::generate::SamplingOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+        eos_token_id: tokenizer.eos_token().and_then(|t| tokenizer.token_to_id(t)),
+    };
+    let ids = crate::generate::generate_ids(&p.model, &prompt, &options, &device)?;
+    println!("{}", tokenizer.decode(&ids)?);
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let (p, device) = load_model(&args.model)?;
+    let tokenizer = p.tokenizer.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("{} has no tokenizer.json, so text cannot be encoded", args.model.model.display())
+    })?;
+    let text = crate::train::read_text(&args.text_file, "--text-file ")?;
+    let ids = tokenizer.encode(&text)?;
+    let trained_seq_len = p
+        .training_metadata
+        .as_ref()
+        .and_then(|m| m["hyperparameters"]["data"]["seq_len"].as_u64())
+        .map(|v| v as usize);
+    let window = args.seq_len.or(trained_seq_len).unwrap_or(p.shape.max_position_embeddings);
+    let score = crate::evaluate::score(&p.model, &ids, window, args.batch_size, &device)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+            "model": args.model.model.display().to_string(),
+            "text_file": args.text_file.display().to_string(),
+            "cross_entropy": score.cross_entropy,
+            "perplexity": score.perplexity,
+            "tokens": score.tokens,
+            "window": window,
+        }))?);
+    } else {
+        println!("cross_entropy {:.4} nats/token", score.cross_entropy);
+        println!("perplexity    {:.4}", score.perplexity);
+        println!("tokens        {}", score.tokens);
+    }
+    Ok(())
+}
+
+/// A TOML basic string literal.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}

@@ -1,0 +1,537 @@
+//! The run configuration: a TOML file with `[model]`, `[data]` and `[training]` sections.
+//!
+//! Every key has a default (so a config file only names what it changes), unknown keys and
+//! wrong types are errors that name the full key (`model.hiden_size`), and `validate` rejects
+//! values that parse but cannot work together (`num_heads` not dividing `hidden_size`, ...).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("--set {0}: expected key=value, e.g. --set training.max_steps=200")]
+    Override(String),
+}
+
+fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Top-level directory for checkpoints, exports, metrics and plots.
+    pub output_dir: PathBuf,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    pub checkpoint: CheckpointConfig,
+    pub export: ExportConfig,
+}
+
+/// The ModelSaver: inference bundles under `<output_dir>/models/inference/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Version in bundle names (`model_<version>_final`).
+    pub version: String,
+    /// Shard the weights past this size: `"500MB"`, `"2GB"` (decimal, as Hugging Face), or bytes.
+    pub max_shard_size: String,
+    /// Export `model_<version>_epoch<N>` from the best checkpoint whenever the tracked metric
+    /// has improved, at the end of each epoch and of the run.
+    pub on_best: bool,
+    /// Export `model_<version>_final` when training ends.
+    pub at_end: bool,
+}
+
+/// Llama architecture; key names follow Hugging Face `LlamaConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// Key/value heads for grouped-query attention; equal to `num_heads` for plain multi-head.
+    pub num_kv_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialisation (`initializer_range` in Hugging Face).
+    pub initializer_range: f64,
+    /// Dropout on the embeddings and on each residual branch during training (0 disables it).
+    pub dropout: f64,
+    /// A Hugging Face Llama directory or kiln bundle to fine-tune from. Its `config.json` then
+    /// fixes the architecture (the keys above are ignored) and its `tokenizer.json` the vocabulary.
+    pub init_from: Option<PathBuf>,
+    /// Rules `PATTERN=REPLACEMENT` (regex) renaming the stored tensors of `init_from`.
+    pub init_key_map: Vec<String>,
+    /// Keep the fresh initialisation of tensors `init_from` lacks instead of failing.
+    pub init_allow_partial: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One token per Unicode character of the corpus.
+    Char,
+    /// Byte-level BPE (GPT-2 style) trained on the corpus up to `data.vocab_size` tokens.
+    Bpe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// UTF-8 text file; relative paths are resolved against the working directory.
+    pub path: PathBuf,
+    pub tokenizer: TokenizerKind,
+    /// Target vocabulary size for `bpe` (ignored for `char`, whose vocabulary is the corpus's characters).
+    pub vocab_size: usize,
+    /// Tokens of context per training example.
+    pub seq_len: usize,
+    /// Fraction of the corpus (its tail) held out for validation.
+    pub val_fraction: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Flex,
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Flex => "flex",
+            BackendKind::Ndarray => "ndarray",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "flex" => Some(Self::Flex),
+            "ndarray" => Some(Self::Ndarray),
+            "wgpu" => Some(Self::Wgpu),
+            "cuda" => Some(Self::Cuda),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    pub backend: BackendKind,
+    pub seed: u64,
+    pub batch_size: usize,
+    /// Stop after this many optimizer steps (whichever of `max_steps` and `epochs` comes first).
+    pub max_steps: usize,
+    /// Stop after this many passes over the training split.
+    pub epochs: usize,
+    /// Peak learning rate, reached after `warmup_steps`.
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    /// Floor of the cosine decay, reached at `lr_decay_steps`.
+    pub min_lr: f64,
+    /// Step at which the cosine decay reaches `min_lr`; defaults to `max_steps`.
+    pub lr_decay_steps: Option<usize>,
+    /// Decoupled (AdamW) weight decay, applied to matrices and embeddings but not to norms.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 disables clipping).
+    pub grad_clip: f64,
+    pub eval_every_steps: usize,
+    pub eval_batches: usize,
+    /// Stop when validation loss has not improved for this many evaluations (0 disables).
+    pub early_stopping_patience: usize,
+    /// Write a `metrics.jsonl` line with the training loss every this many steps.
+    pub log_every_steps: usize,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999).
+    pub ema_decay: Option<f64>,
+}
+
+/// Metrics a checkpoint policy can track; all are measured at evaluation steps.
+pub const TRACKABLE_METRICS: [&str; 3] = ["val_loss", "val_perplexity", "train_loss"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write `checkpoint_step_N` every this many steps (0 disables).
+    pub save_every_steps: usize,
+    /// Write `checkpoint_epoch_N` every this many epochs (0 disables).
+    pub save_every_epochs: usize,
+    /// Step checkpoints kept (the best by `metric`).
+    pub keep_top_k: usize,
+    /// The tracked metric: `val_loss`, `val_perplexity` or `train_loss`.
+    pub metric: String,
+    pub mode: crate::checkpoint::policy::Mode,
+    /// Write checkpoints on a background thread while training continues.
+    pub async_save: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("outputs"),
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            training: TrainingConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            export: ExportConfig::default(),
+        }
+    }
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            version: "v1.0".to_string(),
+            max_shard_size: "2GB".to_string(),
+            on_best: true,
+            at_end: true,
+        }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            save_every_steps: 500,
+            save_every_epochs: 1,
+            keep_top_k: 3,
+            metric: "val_loss".to_string(),
+            mode: crate::checkpoint::policy::Mode::Min,
+            async_save: true,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 128,
+            num_layers: 4,
+            num_heads: 4,
+            num_kv_heads: 4,
+            intermediate_size: 384,
+            max_position_embeddings: 256,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            initializer_range: 0.02,
+            dropout: 0.0,
+            init_from: None,
+            init_key_map: Vec::new(),
+            init_allow_partial: false,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/shakespeare.txt"),
+            tokenizer: TokenizerKind::Char,
+            vocab_size: 512,
+            seq_len: 64,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Flex,
+            seed: 1337,
+            batch_size: 16,
+            max_steps: 2000,
+            epochs: 1,
+            learning_rate: 1e-3,
+            warmup_steps: 100,
+            min_lr: 1e-4,
+            lr_decay_steps: None,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every_steps: 250,
+            eval_batches: 20,
+            early_stopping_patience: 0,
+            log_every_steps: 10,
+            ema_decay: None,
+        }
+    }
+}
+
+impl Config {
+    /// The checkpoint directory of this run.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.output_dir.join("checkpoints")
+    }
+
+    /// Where the ModelSaver puts inference bundles.
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.output_dir.join("models").join("inference")
+    }
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+}
+
+impl TrainingConfig {
+    pub fn lr_decay_steps(&self) -> usize {
+        self.lr_decay_steps.unwrap_or(self.max_steps)
+    }
+}
+
+impl Config {
+    /// Reads a config file, applies `--set key=value` overrides, and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses TOML text (`origin` names it in errors), applies overrides and validates.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax {
+                path: origin.to_string(),
+                message: e.message().to_string(),
+            }
+        })?;
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| key_error(&e.path().to_string(), e.inner().message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved configuration as TOML, as saved beside outputs.
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes to TOML")
+    }
+
+    /// Checks relations between keys that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        positive("model.hidden_size", m.hidden_size)?;
+        positive("model.num_layers", m.num_layers)?;
+        positive("model.num_heads", m.num_heads)?;
+        positive("model.num_kv_heads", m.num_kv_heads)?;
+        positive("model.intermediate_size", m.intermediate_size)?;
+        positive("model.max_position_embeddings", m.max_position_embeddings)?;
+        if m.hidden_size % m.num_heads != 0 {
+            return Err(key_error(
+                "model.num_heads",
+                format!(
+                    "{} does not divide model.hidden_size = {}",
+                    m.num_heads, m.hidden_size
+                ),
+            ));
+        }
+        if m.num_heads % m.num_kv_heads != 0 {
+            return Err(key_error(
+                "model.num_kv_heads",
+                format!(
+                    "{} does not divide model.num_heads = {} (grouped-query attention shares each \
+                     key/value head among a whole number of query heads)",
+                    m.num_kv_heads, m.num_heads
+                ),
+            ));
+        }
+        if m.head_dim() % 2 != 0 {
+            return Err(key_error(
+                "model.num_heads",
+                format!(
+                    "head dimension hidden_size / num_heads = {} must be even for rotary embeddings",
+                    m.head_dim()
+                ),
+            ));
+        }
+        finite_positive("model.rope_theta", m.rope_theta)?;
+        finite_positive("model.rms_norm_eps", m.rms_norm_eps)?;
+        finite_positive("model.initializer_range", m.initializer_range)?;
+        fraction("model.dropout", m.dropout, true)?;
+
+        let d = &self.data;
+        positive("data.seq_len", d.seq_len)?;
+        if d.seq_len > m.max_position_embeddings {
+            return Err(key_error(
+                "data.seq_len",
+                format!(
+                    "{} exceeds model.max_position_embeddings = {}",
+                    d.seq_len, m.max_position_embeddings
+                ),
+            ));
+        }
+        fraction("data.val_fraction", d.val_fraction, false)?;
+        if d.tokenizer == TokenizerKind::Bpe && d.vocab_size < 257 {
+            return Err(key_error(
+                "data.vocab_size",
+                format!(
+                    "{} is too small for byte-level BPE, which needs the 256 byte tokens plus at \
+                     least one merge",
+                    d.vocab_size
+                ),
+            ));
+        }
+
+        let t = &self.training;
+        positive("training.batch_size", t.batch_size)?;
+        positive("training.max_steps", t.max_steps)?;
+        positive("training.epochs", t.epochs)?;
+        positive("training.eval_every_steps", t.eval_every_steps)?;
+        positive("training.eval_batches", t.eval_batches)?;
+        positive("training.log_every_steps", t.log_every_steps)?;
+        finite_positive("training.learning_rate", t.learning_rate)?;
+        if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.learning_rate) {
+            return Err(key_error(
+                "training.min_lr",
+                format!(
+                    "{} must lie between 0 and training.learning_rate = {}",
+                    t.min_lr, t.learning_rate
+                ),
+            ));
+        }
+        if let Some(steps) = t.lr_decay_steps
+            && steps <= t.warmup_steps
+        {
+            return Err(key_error(
+                "training.lr_decay_steps",
+                format!("{steps} must exceed training.warmup_steps = {}", t.warmup_steps),
+            ));
+        }
+        nonnegative("training.weight_decay", t.weight_decay)?;
+        nonnegative("training.grad_clip", t.grad_clip)?;
+        fraction("training.beta1", t.beta1, true)?;
+        fraction("training.beta2", t.beta2, true)?;
+        finite_positive("training.eps", t.eps)?;
+        if let Some(decay) = t.ema_decay {
+            fraction("training.ema_decay", decay, false)?;
+        }
+
+        let c = &self.checkpoint;
+        positive("checkpoint.keep_top_k", c.keep_top_k)?;
+        let e = &self.export;
+        crate::export::parse_size(&e.max_shard_size)
+            .map_err(|err| key_error("export.max_shard_size", err.to_string()))?;
+        if e.version.is_empty() || e.version.contains(['/', '\\']) || e.version.starts_with('.') {
+            return Err(key_error("export.version", format!("{:?} cannot be part of a directory name", e.version)));
+        }
+        if let Some(rule) = self.model.init_key_map.iter().find(|r| !r.contains('=')) {
+            return Err(key_error("model.init_key_map", format!("rule {rule:?} is not PATTERN=REPLACEMENT")));
+        }
+        if !TRACKABLE_METRICS.contains(&c.metric.as_str()) {
+            return Err(key_error(
+                "checkpoint.metric",
+                format!("`{}` is not a metric kiln measures; use one of {}", c.metric, TRACKABLE_METRICS.join(", ")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: usize) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(key_error(key, "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn finite_positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(key_error(key, format!("{value} must be a finite number above 0")));
+    }
+    Ok(())
+}
+
+fn nonnegative(key: &str, value: f64) -> Result<(), ConfigError> {
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(key_error(key, format!("{value} must be a finite number of at least 0")));
+    }
+    Ok(())
+}
+
+/// `value` in (0, 1), or in [0, 1) when `zero_ok`.
+fn fraction(key: &str, value: f64, zero_ok: bool) -> Result<(), ConfigError> {
+    let low_ok = if zero_ok { value >= 0.0 } else { value > 0.0 };
+    if !(low_ok && value < 1.0) {
+        let range = if zero_ok { "[0, 1)" } else { "(0, 1)" };
+        return Err(key_error(key, format!("{value} must lie in {range}")));
+    }
+    Ok(())
+}
+
+/// Applies one `section.key=value` override. The value is read as TOML (`200`, `3e-4`, `true`,
+/// `"wgpu"`); anything that is not valid TOML is taken as a bare string, so `--set
+/// training.backend=wgpu` works without shell quoting.
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<(), ConfigError> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(item.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::Override(item.to_string()));
+    }
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().expect("split yields at least one part");
+    let mut node = table;
+    let mut walked = String::new();
+    for part in parts {
+        if !walked.is_empty() {
+            walked.push('.');
+        }
+        walked.push_str(part);
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| key_error(&walked, "is a value, not a section"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}

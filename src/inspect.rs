@@ -1,0 +1,242 @@
+//! `kiln inspect` and `kiln checkpoints`: what is in a safetensors file, and which checkpoints
+//! a run has, as a human table or JSON.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+use crate::checkpoint::sidecar::{CheckpointPaths, Sidecar};
+use crate::checkpoint::{self, storage::parent};
+use crate::safetensors_io::SafetensorsFile;
+
+/// The facts `inspect` reports about one safetensors file.
+pub fn describe_file(path: &Path) -> Result<Value> {
+    let file = SafetensorsFile::open(path)?;
+    let bytes = std::fs::metadata(path)?.len();
+    let tensors: Vec<Value> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, dtype, shape, size)| {
+            json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "bytes": size})
+        })
+        .collect();
+    let parameters: u64 = file
+        .tensors()
+        .iter()
+        .map(|(_, _, shape, _)| shape.iter().product::<usize>() as u64)
+        .sum();
+    Ok(json!({
+        "path": path.display().to_string(),
+        "bytes": bytes,
+        "metadata": file.metadata(),
+        "parameters": parameters,
+        "tensors": tensors,
+    }))
+}
+
+/// Sidecar summary of the checkpoint `path` belongs to, with its verification result; `None`
+/// when the file is not part of a checkpoint.
+fn describe_checkpoint(path: &Path) -> Option<Value> {
+    let paths = CheckpointPaths::from_any(path);
+    if !paths.sidecar.exists() {
+        return None;
+    }
+    Some(match Sidecar::read(&paths.sidecar) {
+        Ok(sidecar) => {
+            let verified = sidecar.verify_files(parent(&paths.sidecar));
+            let mut v = summary(&sidecar);
+            v["valid"] = json!(verified.is_ok());
+            if let Err(e) = verified {
+                v["error"] = json!(e.to_string());
+            }
+            v
+        }
+        Err(e) => json!({"valid": false, "error": e.to_string()}),
+    })
+}
+
+fn summary(s: &Sidecar) -> Value {
+    json!({
+        "name": s.name,
+        "kind": s.kind,
+        "epoch": s.epoch,
+        "global_step": s.global_step,
+        "data_position": s.data_position,
+        "metrics": s.metrics,
+        "best_metric": s.best_metric,
+        "optimizer_step": s.optimizer.step,
+        "ema_decay": s.ema_decay,
+        "created_at": s.created_at,
+        "backend": s.backend,
+        "kiln_version": s.kiln_version,
+        "files": s.files,
+    })
+}
+
+pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let mut report = describe_file(path)?;
+    let checkpoint = describe_checkpoint(path);
+    let invalid = checkpoint
+        .as_ref()
+        .and_then(|c| c.get("error").and_then(Value::as_str).map(str::to_owned));
+    if let Some(c) = checkpoint {
+        report["checkpoint"] = c;
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_file(&report);
+    }
+    if let Some(error) = invalid {
+        bail!("checkpoint does not verify: {error}");
+    }
+    Ok(())
+}
+
+fn print_file(r: &Value) {
+    println!("file        {}", r["path"].as_str().unwrap_or(""));
+    println!("size        {}", human_bytes(r["bytes"].as_u64().unwrap_or(0)));
+    println!("parameters  {}", r["parameters"]);
+    if let Some(meta) = r["metadata"].as_object()
+        && !meta.is_empty()
+    {
+        println!("metadata");
+        for (k, v) in meta {
+            println!("  {k} = {}", v.as_str().unwrap_or(""));
+        }
+    }
+    let tensors = r["tensors"].as_array().cloned().unwrap_or_default();
+    let width = tensors
+        .iter()
+        .map(|t| t["name"].as_str().unwrap_or("").len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("tensors     {}", tensors.len());
+    println!("  {:width$}  {:5}  shape", "name", "dtype");
+    for t in &tensors {
+        println!(
+            "  {:width$}  {:5}  {}",
+            t["name"].as_str().unwrap_or(""),
+            t["dtype"].as_str().unwrap_or(""),
+            t["shape"]
+        );
+    }
+    if let Some(c) = r.get("checkpoint") {
+        println!("checkpoint");
+        if let Some(kind) = c.get("kind") {
+            println!("  name      {}", c["name"].as_str().unwrap_or(""));
+            println!("  kind      {}", kind.as_str().unwrap_or(""));
+            println!("  epoch     {}", c["epoch"]);
+            println!("  step      {}", c["global_step"]);
+            println!("  metrics   {}", c["metrics"]);
+            if !c["best_metric"].is_null() {
+                println!("  best      {}", c["best_metric"]);
+            }
+            println!("  created   {}", c["created_at"].as_str().unwrap_or(""));
+            println!("  backend   {}", c["backend"].as_str().unwrap_or(""));
+        }
+        match c["valid"].as_bool() {
+            Some(true) => println!("  checksums verified"),
+            _ => println!("  checksums FAILED: {}", c["error"].as_str().unwrap_or("")),
+        }
+    }
+}
+
+pub fn checkpoints(dir: &Path, as_json: bool) -> Result<()> {
+    // A run's output directory holds its checkpoints in `checkpoints/`.
+    let dir = if dir.join("checkpoints").is_dir() {
+        dir.join("checkpoints")
+    } else {
+        dir.to_path_buf()
+    };
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let mut rows = Vec::new();
+    for listed in checkpoint::list(&dir)? {
+        let size: u64 = listed
+            .paths
+            .all()
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let row = match &listed.sidecar {
+            Ok(s) => {
+                let verified = checkpoint::verify(&listed.paths);
+                let metric = s.best_metric.as_ref().map(|b| b.name.clone()).unwrap_or_else(|| {
+                    s.config.checkpoint.metric.clone()
+                });
+                json!({
+                    "name": listed.name,
+                    "kind": s.kind,
+                    "epoch": s.epoch,
+                    "step": s.global_step,
+                    "metric": metric,
+                    "value": s.metrics.get(&metric),
+                    "bytes": size,
+                    "valid": verified.is_ok(),
+                    "error": verified.err().map(|e| e.to_string()),
+                })
+            }
+            Err(e) => json!({"name": listed.name, "bytes": size, "valid": false, "error": e}),
+        };
+        rows.push(row);
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&json!({"dir": dir.display().to_string(), "checkpoints": rows}))?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no checkpoints in {}", dir.display());
+        return Ok(());
+    }
+    let width = rows
+        .iter()
+        .map(|r| r["name"].as_str().unwrap_or("").len())
+        .max()
+        .unwrap_or(4);
+    println!(
+        "{:width$}  {:6}  {:>5}  {:>8}  {:>22}  {:>10}  valid",
+        "name", "kind", "epoch", "step", "metric", "size"
+    );
+    for r in &rows {
+        let metric = match (r["metric"].as_str(), r["value"].as_f64()) {
+            (Some(m), Some(v)) => format!("{m} {v:.4}"),
+            (Some(m), None) => format!("{m} -"),
+            _ => "-".into(),
+        };
+        let valid = if r["valid"].as_bool() == Some(true) {
+            "yes".to_string()
+        } else {
+            format!("NO: {}", r["error"].as_str().unwrap_or(""))
+        };
+        println!(
+            "{:width$}  {:6}  {:>5}  {:>8}  {:>22}  {:>10}  {valid}",
+            r["name"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or("?"),
+            r["epoch"].as_u64().map_or("-".into(), |v| v.to_string()),
+            r["step"].as_u64().map_or("-".into(), |v| v.to_string()),
+            metric,
+            human_bytes(r["bytes"].as_u64().unwrap_or(0)),
+        );
+    }
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,183 @@
+//! AdamW (decoupled weight decay, PyTorch semantics) with global-norm gradient clipping.
+//!
+//! Moments are keyed by parameter *name* (the Hugging Face tensor name), never by Burn's
+//! `ParamId`: ids are regenerated whenever weights are loaded, and state keyed by them would be
+//! silently orphaned on resume. Weight decay applies to matrices and embeddings only; norm
+//! weights are not decayed (as in nanoGPT and most Llama recipes).
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+/// Hyperparameters; `lr` is passed to each step by the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// First and second moments of one parameter, flattened to 1-D (the parameter's own shape is
+/// kept in `shape` for saving).
+#[derive(Debug, Clone)]
+pub struct Moments {
+    pub shape: Vec<usize>,
+    pub exp_avg: Tensor<1>,
+    pub exp_avg_sq: Tensor<1>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Optimizer steps taken so far (the bias-correction time step).
+    pub step: u64,
+    pub moments: BTreeMap<String, Moments>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter that has a gradient.
+    pub fn step<M: Module>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> M {
+        self.step += 1;
+        let mut mapper = AdamWMapper {
+            optim: self,
+            grads: &mut grads,
+            lr,
+            path: Vec::new(),
+        };
+        module.map(&mut mapper)
+    }
+}
+
+struct AdamWMapper<'a> {
+    optim: &'a mut AdamW,
+    grads: &'a mut GradientsParams,
+    lr: f64,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for AdamWMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let name = self.path.join(".");
+        let require_grad = tensor.is_require_grad();
+        let shape = tensor.dims();
+        let numel: usize = shape.iter().product();
+
+        let c = self.optim.config;
+        let t = self.optim.step as i32;
+        let theta = tensor.inner().reshape([numel]);
+        let grad = grad.reshape([numel]);
+        let moments = self.optim.moments.remove(&name);
+        let (exp_avg, exp_avg_sq) = match moments {
+            Some(m) => (
+                m.exp_avg.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
+                m.exp_avg_sq.mul_scalar(c.beta2) + grad.square().mul_scalar(1.0 - c.beta2),
+            ),
+            None => (
+                grad.clone().mul_scalar(1.0 - c.beta1),
+                grad.square().mul_scalar(1.0 - c.beta2),
+            ),
+        };
+        // PyTorch: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let decay = if D >= 2 { c.weight_decay } else { 0.0 };
+        let theta = if decay > 0.0 {
+            theta.mul_scalar(1.0 - self.lr * decay)
+        } else {
+            theta
+        };
+        let denom = exp_avg_sq
+            .clone()
+            .sqrt()
+            .div_scalar(bias_correction2_sqrt)
+            .add_scalar(c.eps);
+        let update = exp_avg.clone().div(denom).mul_scalar(self.lr / bias_correction1);
+        let theta = (theta - update).reshape(shape);
+
+        self.optim.moments.insert(
+            name,
+            Moments {
+                shape: shape.to_vec(),
+                exp_avg,
+                exp_avg_sq,
+            },
+        );
+        let mut theta = Tensor::from_inner(theta);
+        if require_grad {
+            theta = theta.require_grad();
+        }
+        Param::from_mapped_value(id, theta, mapper)
+    }
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`). Returns the norm before clipping.
+pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let mut squares = SquaredNorm {
+        grads,
+        total: None,
+    };
+    module.visit(&mut squares);
+    let Some(total) = squares.total else {
+        return 0.0;
+    };
+    let norm = (total.into_scalar::<f32>() as f64).sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        module.visit(&mut Scale { grads, scale });
+    }
+    norm
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.square().sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    scale: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.scale));
+        }
+    }
+}

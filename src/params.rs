@@ -1,0 +1,278 @@
+//! Parameters by Hugging Face name, in Hugging Face layout.
+//!
+//! A parameter's module path is its Hugging Face name (see `model.rs`). The only mapping is the
+//! layout of Linear weights, which Burn stores `[in, out]` and PyTorch `[out, in]`: every 2-D
+//! parameter except the embedding table is a Linear weight and is transposed on the way out.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+
+/// The embedding table: the one 2-D parameter that is not a Linear weight.
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+
+/// Whether the named 2-D parameter is stored transposed relative to Hugging Face.
+pub fn is_linear_weight(name: &str, rank: usize) -> bool {
+    rank == 2 && name != EMBEDDING
+}
+
+/// One parameter's values in Hugging Face layout (row-major f32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// All parameters of `module`, in module order, copied to the host in Hugging Face layout.
+pub fn named_tensors<M: Module>(module: &M) -> Vec<NamedTensor> {
+    let mut collector = Collector::default();
+    module.visit(&mut collector);
+    collector.out
+}
+
+/// Module paths of all float parameters, in visiting order.
+pub fn param_names<M: Module>(module: &M) -> Vec<String> {
+    named_shapes(module).into_iter().map(|(n, _)| n).collect()
+}
+
+/// Names and Hugging Face shapes of all float parameters, without reading their values.
+pub fn named_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
+    let mut collector = Collector {
+        shapes_only: true,
+        ..Default::default()
+    };
+    module.visit(&mut collector);
+    collector.out.into_iter().map(|t| (t.name, t.shape)).collect()
+}
+
+#[derive(Default)]
+struct Collector {
+    path: Vec<String>,
+    shapes_only: bool,
+    out: Vec<NamedTensor>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.join(".");
+        let tensor = param.val();
+        let tensor: Tensor<D> = if is_linear_weight(&name, D) {
+            tensor.swap_dims(0, 1)
+        } else {
+            tensor
+        };
+        let shape = tensor.dims().to_vec();
+        let values = if self.shapes_only {
+            Vec::new()
+        } else {
+            tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("converted to f32 above")
+        };
+        self.out.push(NamedTensor {
+            name,
+            shape,
+            values,
+        });
+    }
+}
+
+/// Where [`load_named`] gets each parameter: given the Hugging Face name and shape, the values
+/// in Hugging Face layout, or an error message.
+pub trait ParamSource {
+    fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String>;
+}
+
+impl<F: FnMut(&str, &[usize]) -> Result<Vec<f32>, String>> ParamSource for F {
+    fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        self(name, hf_shape)
+    }
+}
+
+/// Replaces every parameter of `module` with values from `source`, converting from Hugging Face
+/// layout. Parameters keep their ids and whether they require gradients. All problems are
+/// collected and reported together.
+pub fn load_named<M: Module>(module: M, source: &mut dyn ParamSource) -> Result<M, Vec<String>> {
+    let mut loader = Loader {
+        path: Vec::new(),
+        source,
+        errors: Vec::new(),
+    };
+    let module = module.map(&mut loader);
+    if loader.errors.is_empty() {
+        Ok(module)
+    } else {
+        Err(loader.errors)
+    }
+}
+
+struct Loader<'a> {
+    path: Vec<String>,
+    source: &'a mut dyn ParamSource,
+    errors: Vec<String>,
+}
+
+impl burn::module::ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let (id, tensor, mapper) = param.consume();
+        let burn_shape = tensor.dims();
+        let transposed = is_linear_weight(&name, D);
+        let mut hf_shape = burn_shape.to_vec();
+        if transposed {
+            hf_shape.swap(0, 1);
+        }
+        let values = match self.source.values(&name, &hf_shape) {
+            Ok(v) if v.len() == hf_shape.iter().product::<usize>() => v,
+            Ok(v) => {
+                self.errors.push(format!(
+                    "{name}: got {} values for shape {hf_shape:?}",
+                    v.len()
+                ));
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            Err(e) => {
+                self.errors.push(e);
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+        };
+        let require_grad = tensor.is_require_grad();
+        let device = tensor.device();
+        // Transpose on the host so the parameter is contiguous, exactly as a freshly initialised
+        // one: a strided weight could take another kernel path and round differently.
+        let values = if transposed {
+            transpose(&values, hf_shape[0], hf_shape[1])
+        } else {
+            values
+        };
+        let data = burn::tensor::TensorData::new(values, burn_shape.to_vec());
+        let loaded: Tensor<D> = Tensor::from_data(data, &device.clone().without_autodiff());
+        let mut loaded = if device.is_autodiff() {
+            Tensor::from_inner(loaded)
+        } else {
+            loaded
+        };
+        if require_grad {
+            loaded = loaded.require_grad();
+        }
+        Param::from_mapped_value(id, loaded, mapper)
+    }
+}
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Converts float tensor data to little-endian f32 bytes.
+pub fn tensor_f32_bytes<const D: usize>(tensor: Tensor<D>) -> Vec<u8> {
+    let values = tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32 above");
+    crate::safetensors_io::f32_bytes(&values)
+}
+
+/// A write-pending tensor in Hugging Face layout from a device tensor in Burn layout. The
+/// handle is only cloned here; the copy off the device happens when the writer asks for the
+/// bytes (on the checkpoint thread), so a snapshot is cheap for the training loop.
+/// `transposed` says whether the tensor is (the state of) a Linear weight.
+pub fn pending<const D: usize>(
+    name: String,
+    tensor: Tensor<D>,
+    transposed: bool,
+) -> crate::safetensors_io::PendingTensor {
+    let tensor = tensor.without_autodiff();
+    let transposed = transposed && D == 2;
+    let mut shape = tensor.dims().to_vec();
+    if transposed {
+        shape.swap(0, 1);
+    }
+    crate::safetensors_io::PendingTensor {
+        name,
+        dtype: safetensors::Dtype::F32,
+        shape,
+        bytes: Box::new(move || {
+            let tensor = if transposed { tensor.swap_dims(0, 1) } else { tensor };
+            tensor_f32_bytes(tensor)
+        }),
+    }
+}
+
+/// Write-pending copies of all parameters of `module`, named as in Hugging Face.
+pub fn pending_params<M: Module>(module: &M) -> Vec<crate::safetensors_io::PendingTensor> {
+    struct Pending {
+        path: Vec<String>,
+        out: Vec<crate::safetensors_io::PendingTensor>,
+    }
+    impl ModuleVisitor for Pending {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let name = self.path.join(".");
+            let transposed = is_linear_weight(&name, D);
+            self.out.push(pending(name, param.val(), transposed));
+        }
+    }
+    let mut v = Pending {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// The parameter names of a Llama model in Hugging Face state-dict order (the order
+/// `save_pretrained` writes and shards them in).
+pub fn hf_param_names(shape: &crate::model::LlamaShape) -> Vec<String> {
+    let mut names = vec![EMBEDDING.to_string()];
+    for i in 0..shape.num_layers {
+        for part in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ] {
+            names.push(format!("model.layers.{i}.{part}.weight"));
+        }
+    }
+    names.push("model.norm.weight".to_string());
+    if !shape.tie_word_embeddings {
+        names.push("lm_head.weight".to_string());
+    }
+    names
+}

@@ -1,0 +1,370 @@
+//! Reading and writing `.safetensors` files.
+//!
+//! Writing streams: the header is computed from names, dtypes and shapes alone, then each
+//! tensor's bytes are fetched (e.g. copied off the device) and written one at a time, so a save
+//! never holds more than one tensor beyond what the caller already has. The SHA-256 of the file
+//! is computed while writing. The layout (tensors ordered by name, header padded to 8 bytes)
+//! is the one the `safetensors` crate itself produces.
+//!
+//! Reading memory-maps the file and validates its header with the `safetensors` crate before
+//! touching any tensor: a header length past the end, offsets past the end, overlapping or
+//! gapped tensors, byte sizes that disagree with dtype and shape, and trailing bytes are all
+//! refused, and nothing the header claims is allocated up front.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Errors reading a safetensors file; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot open {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` is missing")]
+    Missing { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{path}: tensor `{name}` has dtype {dtype:?}; kiln reads F32, F16 and BF16")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: Dtype,
+    },
+}
+
+/// One tensor to write: its name, dtype, shape, and a function producing its little-endian
+/// bytes when the writer reaches it.
+pub struct PendingTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Box<dyn FnOnce() -> Vec<u8> + Send>,
+}
+
+impl PendingTensor {
+    /// An f32 tensor whose values are already on the host.
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>) -> Self {
+        Self {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            bytes: Box::new(move || f32_bytes(&values)),
+        }
+    }
+
+    pub fn byte_len(&self) -> usize {
+        let bits = self.shape.iter().product::<usize>() * self.dtype.bitsize();
+        bits / 8
+    }
+}
+
+/// Size and SHA-256 of a written file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The header bytes (8-byte length prefix included) for `tensors` in the given order.
+fn header(metadata: &BTreeMap<String, String>, tensors: &[PendingTensor]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Info<'a> {
+        dtype: Dtype,
+        shape: &'a [usize],
+        data_offsets: (usize, usize),
+    }
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("string maps serialize"),
+        );
+    }
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.byte_len();
+        let info = Info {
+            dtype: t.dtype,
+            shape: &t.shape,
+            data_offsets: (offset, offset + n),
+        };
+        map.insert(t.name.clone(), serde_json::to_value(info).expect("infos serialize"));
+        offset += n;
+    }
+    // serde_json's Map keeps insertion order only with `preserve_order`; build the text by
+    // hand so `__metadata__` comes first and tensors follow in offset order, as the crate does.
+    let mut json = String::from("{");
+    let mut first = true;
+    let keys = std::iter::once("__metadata__".to_string())
+        .filter(|k| map.contains_key(k))
+        .chain(tensors.iter().map(|t| t.name.clone()));
+    for key in keys {
+        if !first {
+            json.push(',');
+        }
+        first = false;
+        json.push_str(&serde_json::to_string(&key).expect("strings serialize"));
+        json.push(':');
+        json.push_str(&map[&key].to_string());
+    }
+    json.push('}');
+    let mut bytes = json.into_bytes();
+    let padded = bytes.len().next_multiple_of(8);
+    bytes.resize(padded, b' ');
+    let mut out = Vec::with_capacity(8 + padded);
+    out.extend_from_slice(&(padded as u64).to_le_bytes());
+    out.extend_from_slice(&bytes);
+    out
+}
+
+/// Writes a safetensors file to `out`, tensors sorted by name; returns its size and SHA-256.
+/// The caller owns durability (fsync) and naming; see `checkpoint::storage`.
+pub fn write_to(
+    out: &mut dyn Write,
+    metadata: &BTreeMap<String, String>,
+    mut tensors: Vec<PendingTensor>,
+) -> std::io::Result<FileDigest> {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("duplicate tensor name `{}`", w[0].name),
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    let head = header(metadata, &tensors);
+    out.write_all(&head)?;
+    hasher.update(&head);
+    written += head.len() as u64;
+    for t in tensors {
+        let expected = t.byte_len();
+        let name = t.name;
+        let bytes = (t.bytes)();
+        if bytes.len() != expected {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("tensor `{name}` produced {} bytes, expected {expected}", bytes.len()),
+            ));
+        }
+        out.write_all(&bytes)?;
+        hasher.update(&bytes);
+        written += bytes.len() as u64;
+    }
+    out.flush()?;
+    Ok(FileDigest {
+        bytes: written,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 and size of a file on disk, read in 1 MiB blocks.
+pub fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok(FileDigest {
+        bytes: total,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// A memory-mapped, validated safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile").field("path", &self.path).finish()
+    }
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self, ReadError> {
+        let invalid = |reason: String| ReadError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(|source| ReadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| ReadError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if len < 8 {
+            return Err(invalid(format!("{len} bytes is shorter than the 8-byte header length")));
+        }
+        // SAFETY: the map is read-only; kiln never writes a file in place (saves go to a new
+        // file that is renamed over the old name), so the mapped bytes do not change under us.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ReadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (n, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| invalid(describe(&e, len)))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + n,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` map (empty if absent).
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.metadata
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Tensor names with their dtype, shape and byte size, ordered by name.
+    pub fn tensors(&self) -> Vec<(String, Dtype, Vec<usize>, usize)> {
+        let mut out: Vec<_> = self
+            .metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let size = info.data_offsets.1 - info.data_offsets.0;
+                (name, info.dtype, info.shape.clone(), size)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo, ReadError> {
+        self.metadata.info(name).ok_or_else(|| ReadError::Missing {
+            path: self.path.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The raw bytes of one tensor.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), ReadError> {
+        let info = self.info(name)?;
+        let (s, e) = info.data_offsets;
+        Ok((info, &self.mmap[self.data_start + s..self.data_start + e]))
+    }
+
+    /// One tensor as f32 values, converting from F16 or BF16; its shape must be `expected`
+    /// (pass `None` to accept any shape). Returns the values and the shape.
+    pub fn read_f32(
+        &self,
+        name: &str,
+        expected: Option<&[usize]>,
+    ) -> Result<(Vec<f32>, Vec<usize>), ReadError> {
+        let (info, bytes) = self.raw(name)?;
+        if let Some(expected) = expected
+            && info.shape != expected
+        {
+            return Err(ReadError::Shape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: info.shape.clone(),
+                expected: expected.to_vec(),
+            });
+        }
+        let values = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            dtype => {
+                return Err(ReadError::Dtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    dtype,
+                });
+            }
+        };
+        Ok((values, info.shape.clone()))
+    }
+}
+
+/// A human description of a header problem.
+fn describe(e: &safetensors::SafeTensorError, file_len: u64) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooLarge | E::InvalidHeaderLength => {
+            format!("the header length field points past the end of the {file_len}-byte file")
+        }
+        E::MetadataIncompleteBuffer => {
+            "the tensors' byte ranges do not end exactly at the end of the file (truncated, or trailing bytes)".to_string()
+        }
+        E::InvalidOffset(name) => format!(
+            "tensor `{name}` has byte offsets that overlap another tensor, leave a gap, or run backwards"
+        ),
+        E::TensorInvalidInfo => {
+            "a tensor's byte size does not match its dtype and shape".to_string()
+        }
+        E::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,948 @@
+//! kiln's `Learner`: owns the step loop (forward, backward, clipping, AdamW, schedule),
+//! periodic evaluation, early stopping, metric logging and checkpointing.
+//!
+//! The loop is kiln's own rather than Burn's `SupervisedTraining` because a run must be
+//! resumable at any step: the whole state of a run is the model, the optimizer moments (and
+//! EMA weights), and a handful of numbers (step, data position, best metric), and randomness is
+//! derived from `(seed, step)` instead of living in a backend's global RNG.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+use crate::backend;
+use crate::checkpoint::policy::{Policy, Progress};
+use crate::checkpoint::sidecar::{
+    BURN_VERSION, BestMetricState, EarlyStoppingState, FORMAT_VERSION, KindLabel,
+    LogWindowState, OptimizerState, RngState, ScheduleState, Sidecar,
+};
+use crate::checkpoint::storage::LocalFs;
+use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
+use crate::config::Config;
+use crate::data::{Batch, DataPosition, Splits, TrainLoader, validation_batches};
+use crate::ema::{Ema, EmaTensor};
+use crate::metrics::{MetricRecord, MetricsLog};
+use crate::model::{LlamaForCausalLM, LlamaShape};
+use crate::pretrained::{self, LoadOptions};
+use crate::optim::{AdamW, AdamWConfig, Moments, clip_grad_norm};
+use crate::params::{self, is_linear_weight, pending, transpose};
+use crate::plot::loss_curve_svg;
+use crate::safetensors_io::{PendingTensor, hex};
+use crate::schedule::WarmupCosine;
+use crate::tokenizer::KilnTokenizer;
+
+/// Best value of the tracked metric so far, and early-stopping bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BestMetric {
+    pub value: f64,
+    pub step: usize,
+    /// Evaluations since `value` last improved.
+    pub evals_without_improvement: usize,
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    MaxSteps,
+    Epochs,
+    EarlyStopping,
+    /// Ctrl-C / SIGTERM (or `stop_after_step`): `checkpoint_latest` was saved.
+    Interrupted,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub epochs_completed: usize,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub best: Option<BestMetric>,
+    pub stop_reason: StopReason,
+    pub wall_seconds: f64,
+    pub output_dir: PathBuf,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C / SIGTERM handler: the first signal lets the step in progress finish,
+/// saves `checkpoint_latest` and exits cleanly; a second one exits at once (checkpoints on
+/// disk stay intact either way, as every save is crash-safe).
+pub fn install_signal_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            eprintln!("kiln: second interrupt, exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("kiln: interrupt received; finishing the step and saving checkpoint_latest");
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+pub struct Learner {
+    pub config: Config,
+    pub tokenizer: KilnTokenizer,
+    pub shape: LlamaShape,
+    /// The autodiff device training runs on.
+    pub device: Device,
+    /// Absent only for the instant an optimizer step holds it (see [`Learner::model`]).
+    model: Option<LlamaForCausalLM>,
+    pub optim: AdamW,
+    pub ema: Option<Ema>,
+    pub schedule: WarmupCosine,
+    pub loader: TrainLoader,
+    val_batches: Vec<Batch>,
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub best: Option<BestMetric>,
+    pub metrics: MetricsLog,
+    pub checkpoints: CheckpointManager,
+    /// Show a progress bar (off in tests and when stderr is not a terminal).
+    pub progress: bool,
+    /// Behave as if interrupted once this step completes (tests and tooling).
+    pub stop_after_step: Option<usize>,
+    /// Mean training loss over the most recent log window.
+    last_train_loss: Option<f64>,
+    /// Losses of the steps since the last `metrics.jsonl` line (saved in checkpoints, so a
+    /// resumed run logs the same means).
+    window: LogWindow,
+    data_sha256: String,
+    /// When the run first started, and training seconds of earlier sessions (for resumes).
+    started_at: String,
+    train_seconds_before: f64,
+    fit_started: Option<Instant>,
+    /// Step of the best checkpoint last exported as a bundle.
+    exported_best_step: Option<usize>,
+    /// Bundles written by the ModelSaver during this session.
+    pub exported: Vec<PathBuf>,
+    /// Held for the lifetime of the run; a second trainer on the same directory fails to take it.
+    _lock: File,
+}
+
+impl Learner {
+    /// Prepares a fresh run: tokenizer, data, model and optimizer.
+    pub fn new(config: Config) -> Result<Self> {
+        Self::build(config, None)
+    }
+
+    /// Prepares a run that continues from a checkpoint (any of its three files).
+    pub fn resume(config: Config, checkpoint: &Path) -> Result<Self> {
+        Self::build(config, Some(checkpoint))
+    }
+
+    fn build(config: Config, resume: Option<&Path>) -> Result<Self> {
+        let out = config.output_dir.clone();
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create output directory {}", out.display()))?;
+        let lock = lock_output_dir(&out)?;
+        let checkpoints = CheckpointManager::open(
+            &config.checkpoint_dir(),
+            policy(&config),
+            Arc::new(LocalFs),
+            config.checkpoint.async_save,
+        )?;
+        let resume = resume
+            .map(|p| checkpoint::load(p).with_context(|| format!("cannot resume from {}", p.display())))
+            .transpose()?;
+
+        let text = read_corpus(&config.data.path)?;
+        let data_sha256 = hex(&Sha256::digest(text.as_bytes()));
+        let t = &config.training;
+        let device = backend::device(t.backend)?.autodiff();
+        // Fine-tuning starts from a pretrained directory's weights, architecture and tokenizer.
+        let pretrained = match (&resume, &config.model.init_from) {
+            (None, Some(dir)) => {
+                let mut options = LoadOptions::with_rules(&config.model.init_key_map)?;
+                options.allow_partial = config.model.init_allow_partial;
+                let p = pretrained::load(dir, &device, &options)
+                    .with_context(|| format!("model.init_from = {}", dir.display()))?;
+                if p.tokenizer.is_none() {
+                    bail!("model.init_from = {} has no tokenizer.json to tokenize the corpus with", dir.display());
+                }
+                Some(p)
+            }
+            _ => None,
+        };
+        let tokenizer = match (&resume, &pretrained) {
+            (Some(ck), _) => KilnTokenizer::from_json(&ck.sidecar.tokenizer.to_string())
+                .context("the checkpoint's tokenizer")?,
+            (None, Some(p)) => p.tokenizer.clone().expect("checked above"),
+            (None, None) => KilnTokenizer::train(config.data.tokenizer, &text, config.data.vocab_size)?,
+        };
+        std::fs::write(out.join("config.toml"), config.to_toml_string())
+            .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+        tokenizer.save(&out.join("tokenizer.json"))?;
+        let tokens = tokenizer.encode(&text)?;
+        let splits = Splits::new(tokens, config.data.val_fraction, config.data.seq_len)?;
+
+        let loader = TrainLoader::new(splits.train, config.data.seq_len, t.batch_size, t.seed)?;
+        let val_batches =
+            validation_batches(&splits.val, config.data.seq_len, t.batch_size, t.eval_batches);
+
+        let (shape, model) = match pretrained {
+            Some(p) => {
+                let shape = p.shape.clone();
+                if config.data.seq_len > shape.max_position_embeddings {
+                    bail!(
+                        "data.seq_len = {} exceeds the pretrained model's max_position_embeddings = {}",
+                        config.data.seq_len,
+                        shape.max_position_embeddings
+                    );
+                }
+                (shape, p.model.with_dropout(config.model.dropout))
+            }
+            None => {
+                let shape = LlamaShape::new(&config.model, tokenizer.vocab_size());
+                let model = LlamaForCausalLM::init(
+                    &shape,
+                    config.model.initializer_range,
+                    config.model.dropout,
+                    t.seed,
+                    &device,
+                );
+                (shape, model)
+            }
+        };
+        let optim = AdamW::new(AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        });
+        let schedule = WarmupCosine {
+            peak_lr: t.learning_rate,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.lr_decay_steps(),
+        };
+        let ema = t.ema_decay.map(Ema::new);
+        let metrics_path = out.join("metrics.jsonl");
+        let metrics = match &resume {
+            Some(ck) => MetricsLog::resume(&metrics_path, ck.sidecar.metrics_history.clone())?,
+            None => MetricsLog::create(&metrics_path)?,
+        };
+        let mut learner = Self {
+            config,
+            tokenizer,
+            shape,
+            device,
+            model: Some(model),
+            optim,
+            ema,
+            schedule,
+            loader,
+            val_batches,
+            step: 0,
+            best: None,
+            metrics,
+            checkpoints,
+            progress: false,
+            stop_after_step: None,
+            last_train_loss: None,
+            window: LogWindow::new(),
+            data_sha256,
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            train_seconds_before: 0.0,
+            fit_started: None,
+            exported_best_step: None,
+            exported: Vec::new(),
+            _lock: lock,
+        };
+        if let Some(ck) = resume {
+            learner.restore(ck)?;
+        }
+        Ok(learner)
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &LlamaForCausalLM {
+        self.model
+            .as_ref()
+            .expect("the model is only taken out during an optimizer step")
+    }
+
+    pub fn epoch(&self) -> usize {
+        self.loader.position().epoch
+    }
+
+    pub fn data_position(&self) -> DataPosition {
+        self.loader.position()
+    }
+
+    /// One optimizer step on `batch`; returns the batch loss and the gradient norm before
+    /// clipping.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<(f64, f64)> {
+        // Randomness (dropout) is a function of (seed, step), so a resumed run draws the same.
+        self.device.seed(step_seed(self.config.training.seed, self.step));
+        let (inputs, targets) = batch.to_tensors(&self.device);
+        let loss = self.model().loss(inputs, targets);
+        let loss_value = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            bail!(
+                "training loss became {loss_value} at step {}; lower training.learning_rate or \
+                 set training.grad_clip",
+                self.step + 1
+            );
+        }
+        let mut grads = GradientsParams::from_grads(loss.backward(), self.model());
+        let grad_norm = clip_grad_norm(self.model(), &mut grads, self.config.training.grad_clip);
+        let lr = self.schedule.lr(self.step);
+        // The optimizer takes the model by value so that tensors no one else holds can be
+        // updated in place.
+        let model = self.model.take().expect("the model is present between steps");
+        let model = self.optim.step(lr, model, grads);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&model);
+        }
+        self.model = Some(model);
+        self.step += 1;
+        Ok((loss_value, grad_norm))
+    }
+
+    /// Mean validation loss (nats/token) over the fixed validation batches.
+    pub fn evaluate(&self) -> f64 {
+        let model = self.model().valid();
+        let device = self.device.clone().without_autodiff();
+        let mut total = 0.0;
+        let mut tokens = 0usize;
+        for batch in &self.val_batches {
+            let (inputs, targets) = batch.to_tensors(&device);
+            let loss = model.loss(inputs, targets).into_scalar::<f32>() as f64;
+            total += loss * batch.num_tokens() as f64;
+            tokens += batch.num_tokens();
+        }
+        total / tokens as f64
+    }
+
+    /// The tracked metric (`checkpoint.metric`) for an evaluation with this validation loss.
+    fn tracked_metric(&self, val_loss: f64) -> f64 {
+        match self.config.checkpoint.metric.as_str() {
+            "val_perplexity" => val_loss.exp(),
+            "train_loss" => self.last_train_loss.unwrap_or(f64::NAN),
+            _ => val_loss,
+        }
+    }
+
+    /// Records an evaluation; returns (improved, early stopping says stop).
+    fn record_eval(&mut self, val_loss: f64) -> (bool, bool) {
+        let value = self.tracked_metric(val_loss);
+        let mode = self.config.checkpoint.mode;
+        let improved = value.is_finite() && self.best.is_none_or(|b| mode.improves(value, b.value));
+        self.best = Some(match self.best {
+            Some(b) if !improved => BestMetric {
+                evals_without_improvement: b.evals_without_improvement + 1,
+                ..b
+            },
+            _ => BestMetric {
+                value,
+                step: self.step,
+                evals_without_improvement: 0,
+            },
+        });
+        let patience = self.config.training.early_stopping_patience;
+        let stop = patience > 0 && self.best.is_some_and(|b| b.evals_without_improvement >= patience);
+        (improved, stop)
+    }
+
+    /// Runs the loop until `max_steps`, the last epoch, early stopping or an interrupt; saves
+    /// checkpoints as the policy says and `checkpoint_latest` at the end.
+    pub fn fit(&mut self) -> Result<TrainSummary> {
+        let started = Instant::now();
+        let t = self.config.training.clone();
+        let bar = self.progress_bar();
+        self.window.restart_clock();
+        self.fit_started = Some(started);
+        let mut last_eval_step = None;
+        let mut last_save_step = None;
+        let mut final_train_loss = None;
+
+        let stop_reason = loop {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break StopReason::Interrupted;
+            }
+            if self.step >= t.max_steps {
+                break StopReason::MaxSteps;
+            }
+            let Some(batch) = self.loader.next_batch() else {
+                let completed = self.epoch() + 1;
+                self.loader.start_epoch(completed);
+                self.save_if_due(Progress {
+                    step: self.step,
+                    epoch_completed: Some(completed),
+                    ..Default::default()
+                }, &mut last_save_step)?;
+                if completed >= t.epochs {
+                    break StopReason::Epochs;
+                }
+                self.export_bundles(false)?;
+                continue;
+            };
+            let lr = self.schedule.lr(self.step);
+            let (loss, grad_norm) = self.train_step(&batch)?;
+            self.window.add(loss, grad_norm, batch.num_tokens());
+            final_train_loss = Some(loss);
+            bar.set_position(self.step as u64);
+            bar.set_message(format!(
+                "loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s | epoch {}",
+                self.window.tokens_per_sec(),
+                self.epoch()
+            ));
+
+            if self.step % t.log_every_steps == 0 {
+                let record = self.window.take(self.step, self.epoch(), lr);
+                self.last_train_loss = record.train_loss;
+                self.metrics.append(record)?;
+            }
+            let mut progress = Progress {
+                step: self.step,
+                ..Default::default()
+            };
+            let mut stop_early = false;
+            if self.step % t.eval_every_steps == 0 || self.step == t.max_steps {
+                (progress.improved, stop_early) = self.eval_and_log(&bar)?;
+                last_eval_step = Some(self.step);
+            }
+            self.save_if_due(progress, &mut last_save_step)?;
+            if stop_early {
+                break StopReason::EarlyStopping;
+            }
+            if self.stop_after_step == Some(self.step) {
+                break StopReason::Interrupted;
+            }
+        };
+        // A finished run ends on an evaluation; an interrupted one stops as soon as it can.
+        let mut improved = false;
+        if stop_reason != StopReason::Interrupted && last_eval_step != Some(self.step) && self.step > 0 {
+            (improved, _) = self.eval_and_log(&bar)?;
+        }
+        if last_save_step != Some(self.step) || improved {
+            let ending = Progress {
+                step: self.step,
+                improved,
+                ending: true,
+                ..Default::default()
+            };
+            self.save_if_due(ending, &mut last_save_step)?;
+        }
+        self.checkpoints.wait()?;
+        bar.finish_and_clear();
+        self.write_loss_curve()?;
+        if stop_reason != StopReason::Interrupted {
+            self.export_bundles(true)?;
+        }
+        let final_val_loss = self.metrics.history.iter().rev().find_map(|r| r.val_loss);
+        Ok(TrainSummary {
+            steps: self.step,
+            epochs_completed: self.epoch(),
+            final_train_loss,
+            final_val_loss,
+            best: self.best,
+            stop_reason,
+            wall_seconds: started.elapsed().as_secs_f64(),
+            output_dir: self.config.output_dir.clone(),
+        })
+    }
+
+    fn save_if_due(&mut self, progress: Progress, last_save_step: &mut Option<usize>) -> Result<()> {
+        let kinds = self.checkpoints.policy().kinds_to_write(progress);
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        let snapshot = self.snapshot();
+        self.checkpoints.save(kinds, snapshot)?;
+        *last_save_step = Some(self.step);
+        Ok(())
+    }
+
+    fn eval_and_log(&mut self, bar: &ProgressBar) -> Result<(bool, bool)> {
+        let eval_started = Instant::now();
+        let val_loss = self.evaluate();
+        self.window.exclude(eval_started.elapsed());
+        let (improved, stop) = self.record_eval(val_loss);
+        self.metrics.append(MetricRecord {
+            step: self.step,
+            epoch: self.epoch(),
+            val_loss: Some(val_loss),
+            ..Default::default()
+        })?;
+        let best = self.best.map_or(val_loss, |b| b.value);
+        let line = format!(
+            "step {:>6} | epoch {} | val_loss {val_loss:.4} | best {} {best:.4}",
+            self.step,
+            self.epoch(),
+            self.config.checkpoint.metric,
+        );
+        if bar.is_hidden() {
+            if self.progress {
+                eprintln!("{line}");
+            }
+        } else {
+            bar.println(line);
+        }
+        Ok((improved, stop))
+    }
+
+    fn progress_bar(&self) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(self.config.training.max_steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg} | ETA {eta}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> "),
+        );
+        bar.set_position(self.step as u64);
+        bar
+    }
+
+    /// Writes `loss_curve.svg` into the output directory.
+    pub fn write_loss_curve(&self) -> Result<()> {
+        let path = self.config.output_dir.join("loss_curve.svg");
+        if let Some(svg) = loss_curve_svg(&self.metrics.history, "kiln: loss curve") {
+            std::fs::write(&path, svg)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Seconds spent in `fit` over all sessions of this run.
+    pub fn train_seconds(&self) -> f64 {
+        self.train_seconds_before + self.fit_started.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// The ModelSaver: exports the best checkpoint when it is newer than the last one exported
+    /// (`export.on_best`), and at the end of the run the final state (`export.at_end`). Bundles
+    /// are made from the checkpoint files, so what is exported is exactly what was saved.
+    fn export_bundles(&mut self, ending: bool) -> Result<()> {
+        let e = self.config.export.clone();
+        let best_is_new = self.best.is_some_and(|b| Some(b.step) != self.exported_best_step);
+        if !(e.on_best && best_is_new) && !(ending && e.at_end) {
+            return Ok(());
+        }
+        self.checkpoints.wait()?;
+        let max_shard = crate::export::parse_size(&e.max_shard_size)?;
+        let ck_dir = self.config.checkpoint_dir();
+        if e.on_best && best_is_new {
+            let name = crate::checkpoint::policy::Kind::Best.name(&self.config.checkpoint.metric);
+            let ck = checkpoint::load(&ck_dir.join(format!("{name}.safetensors")))?;
+            let dir = self.config.bundle_dir().join(format!("model_{}_epoch{}", e.version, ck.sidecar.epoch));
+            self.export_one(&ck, &dir, max_shard)?;
+            self.exported_best_step = self.best.map(|b| b.step);
+        }
+        if ending && e.at_end {
+            let ck = checkpoint::load(&ck_dir.join("checkpoint_latest.safetensors"))?;
+            let mut dir = self.config.bundle_dir().join(format!("model_{}_final", e.version));
+            if dir.exists() {
+                // A run extended after it once finished: keep the earlier final bundle.
+                dir = self.config.bundle_dir().join(format!("model_{}_final_step{}", e.version, self.step));
+            }
+            self.export_one(&ck, &dir, max_shard)?;
+        }
+        Ok(())
+    }
+
+    fn export_one(&mut self, ck: &LoadedCheckpoint, dir: &Path, max_shard: u64) -> Result<()> {
+        if dir.exists() {
+            tracing::warn!("{} exists; kiln never overwrites a bundle, so it is kept as it is", dir.display());
+            return Ok(());
+        }
+        crate::export::export_checkpoint(ck, dir, max_shard)?;
+        self.exported.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Captures the training state for a checkpoint: tensor handles (copied off the device
+    /// later, by the writer) and the sidecar fields.
+    pub fn snapshot(&self) -> Snapshot {
+        let weights = params::pending_params(self.model());
+        let mut optim = Vec::new();
+        for (name, m) in &self.optim.moments {
+            let transposed = is_linear_weight(name, m.shape.len());
+            optim.push(pending_flat(format!("exp_avg.{name}"), &m.exp_avg, &m.shape, transposed));
+            optim.push(pending_flat(format!("exp_avg_sq.{name}"), &m.exp_avg_sq, &m.shape, transposed));
+        }
+        if let Some(ema) = &self.ema {
+            for (name, e) in &ema.weights {
+                let transposed = is_linear_weight(name, e.shape.len());
+                optim.push(pending_flat(format!("ema.{name}"), &e.value, &e.shape, transposed));
+            }
+        }
+        let c = &self.config;
+        let mut current = BTreeMap::new();
+        if let Some(v) = self.last_train_loss {
+            current.insert("train_loss".to_string(), v);
+        }
+        if let Some(v) = self.metrics.history.iter().rev().find_map(|r| r.val_loss) {
+            current.insert("val_loss".to_string(), v);
+            current.insert("val_perplexity".to_string(), v.exp());
+        }
+        current.insert("lr".to_string(), self.schedule.lr(self.step));
+        let sidecar = Sidecar {
+            format_version: FORMAT_VERSION,
+            kind: KindLabel::Latest,
+            name: String::new(),
+            epoch: self.epoch(),
+            global_step: self.step,
+            data_position: self.data_position(),
+            rng: RngState::new(c.training.seed),
+            lr_schedule: ScheduleState {
+                schedule: self.schedule,
+                step: self.step,
+                next_lr: self.schedule.lr(self.step),
+            },
+            optimizer: OptimizerState {
+                name: "adamw".into(),
+                hyperparameters: self.optim.config,
+                step: self.optim.step,
+            },
+            ema_decay: self.ema.as_ref().map(|e| e.decay),
+            metrics: current,
+            best_metric: self.best.map(|b| BestMetricState {
+                name: c.checkpoint.metric.clone(),
+                mode: c.checkpoint.mode,
+                value: b.value,
+                step: b.step,
+            }),
+            early_stopping: EarlyStoppingState {
+                patience: c.training.early_stopping_patience,
+                evals_without_improvement: self.best.map_or(0, |b| b.evals_without_improvement),
+            },
+            metrics_history: self.metrics.history.clone(),
+            log_window: self.window.state(),
+            model: self.shape.clone(),
+            config: c.clone(),
+            tokenizer: serde_json::from_str(&self.tokenizer.to_json().unwrap_or_default())
+                .unwrap_or(serde_json::Value::Null),
+            data_sha256: self.data_sha256.clone(),
+            started_at: self.started_at.clone(),
+            train_seconds: self.train_seconds(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            burn_version: BURN_VERSION.into(),
+            backend: c.training.backend.name().into(),
+            files: Vec::new(),
+        };
+        let weights_metadata = BTreeMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("architecture".to_string(), "LlamaForCausalLM".to_string()),
+            ("kiln_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("global_step".to_string(), self.step.to_string()),
+        ]);
+        Snapshot {
+            weights,
+            optim,
+            sidecar,
+            weights_metadata,
+        }
+    }
+
+    /// Restores everything a checkpoint holds into this freshly built learner.
+    fn restore(&mut self, ck: LoadedCheckpoint) -> Result<()> {
+        let s = &ck.sidecar;
+        check_same_shape(&s.model, &self.shape)?;
+        if s.data_sha256 != self.data_sha256 {
+            tracing::warn!(
+                "the corpus {} differs from the one the checkpoint was trained on; the batch \
+                 order will not match the interrupted run",
+                self.config.data.path.display()
+            );
+        }
+        let model = self.model.take().expect("present");
+        let model = params::load_named(model, &mut |name: &str, shape: &[usize]| {
+            ck.weights
+                .read_f32(name, Some(shape))
+                .map(|(v, _)| v)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|errors| anyhow!("checkpoint weights do not fit the model:\n  {}", errors.join("\n  ")))?;
+        self.model = Some(model);
+
+        let inner = self.device.clone().without_autodiff();
+        let burn_shapes = burn_shapes(self.model());
+        self.optim.step = s.optimizer.step;
+        self.optim.moments.clear();
+        if s.optimizer.step > 0 {
+            for (name, shape) in &burn_shapes {
+                let exp_avg = read_flat(&ck, &format!("exp_avg.{name}"), name, shape, &inner)?;
+                let exp_avg_sq = read_flat(&ck, &format!("exp_avg_sq.{name}"), name, shape, &inner)?;
+                self.optim.moments.insert(
+                    name.clone(),
+                    Moments {
+                        shape: shape.clone(),
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                );
+            }
+        }
+        if let Some(ema) = &mut self.ema {
+            match s.ema_decay {
+                Some(_) => {
+                    for (name, shape) in &burn_shapes {
+                        let value = read_flat(&ck, &format!("ema.{name}"), name, shape, &inner)?;
+                        ema.weights.insert(name.clone(), EmaTensor { shape: shape.clone(), value });
+                    }
+                }
+                None => tracing::warn!(
+                    "training.ema_decay is set but the checkpoint has no EMA weights; the \
+                     average starts from the current weights"
+                ),
+            }
+        }
+
+        let position = s.data_position;
+        if position.batch_in_epoch > self.loader.batches_per_epoch() {
+            bail!(
+                "the checkpoint stopped at batch {} of epoch {}, but with this config an epoch \
+                 has only {} batches (data.seq_len or training.batch_size changed?)",
+                position.batch_in_epoch,
+                position.epoch,
+                self.loader.batches_per_epoch()
+            );
+        }
+        self.loader.seek(position);
+        self.step = s.global_step;
+        self.best = s.best_metric.as_ref().map(|b| BestMetric {
+            value: b.value,
+            step: b.step,
+            evals_without_improvement: s.early_stopping.evals_without_improvement,
+        });
+        self.last_train_loss = s.metrics.get("train_loss").copied();
+        self.window = LogWindow::from_state(s.log_window);
+        self.started_at = s.started_at.clone();
+        self.train_seconds_before = s.train_seconds;
+        // Bundles of bests reached before the interruption were exported then.
+        self.exported_best_step = self.best.map(|b| b.step);
+        Ok(())
+    }
+}
+
+/// The learner's parameters with their Burn-layout shapes.
+fn burn_shapes(model: &LlamaForCausalLM) -> Vec<(String, Vec<usize>)> {
+    params::named_shapes(model)
+        .into_iter()
+        .map(|(name, mut shape)| {
+            if is_linear_weight(&name, shape.len()) {
+                shape.swap(0, 1);
+            }
+            (name, shape)
+        })
+        .collect()
+}
+
+/// Reads optimizer-file tensor `key` (state of parameter `param`, Burn shape `shape`) as a
+/// flattened device tensor in Burn layout.
+fn read_flat(
+    ck: &LoadedCheckpoint,
+    key: &str,
+    param: &str,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor<1>> {
+    let transposed = is_linear_weight(param, shape.len());
+    let mut hf_shape = shape.to_vec();
+    if transposed {
+        hf_shape.swap(0, 1);
+    }
+    let (values, _) = ck.optim.read_f32(key, Some(&hf_shape))?;
+    let values = if transposed {
+        transpose(&values, hf_shape[0], hf_shape[1])
+    } else {
+        values
+    };
+    let n = values.len();
+    Ok(Tensor::from_data(TensorData::new(values, [n]), device))
+}
+
+/// A flattened state tensor written in its parameter's Hugging Face layout.
+fn pending_flat(name: String, flat: &Tensor<1>, shape: &[usize], transposed: bool) -> PendingTensor {
+    match *shape {
+        [rows, cols] => pending(name, flat.clone().reshape([rows, cols]), transposed),
+        _ => pending(name, flat.clone(), false),
+    }
+}
+
+/// Refuses a checkpoint whose model shape differs from the config's, naming each difference.
+fn check_same_shape(saved: &LlamaShape, current: &LlamaShape) -> Result<()> {
+    if saved == current {
+        return Ok(());
+    }
+    let a = serde_json::to_value(saved)?;
+    let b = serde_json::to_value(current)?;
+    let mut diffs = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (key, va) in a {
+            if b.get(key) != Some(va) {
+                let section = if key == "vocab_size" { "tokenizer" } else { "model" };
+                diffs.push(format!(
+                    "{section}.{key}: checkpoint {va}, config {}",
+                    b.get(key).cloned().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    bail!(
+        "the checkpoint's model shape does not match the config:\n  {}",
+        diffs.join("\n  ")
+    )
+}
+
+fn policy(config: &Config) -> Policy {
+    let c = &config.checkpoint;
+    Policy {
+        save_every_steps: c.save_every_steps,
+        save_every_epochs: c.save_every_epochs,
+        keep_top_k: c.keep_top_k,
+        metric: c.metric.clone(),
+        mode: c.mode,
+    }
+}
+
+/// Takes the run's lock file, so that two trainers never interleave checkpoints in one
+/// directory. The OS releases the lock when the process dies, however it dies.
+fn lock_output_dir(out: &Path) -> Result<File> {
+    let path = out.join(".kiln.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another kiln process is training in {} (it holds {}); wait for it to finish or \
+             choose another output_dir",
+            out.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// Reads the training corpus, which must be UTF-8 text.
+pub fn read_corpus(path: &Path) -> Result<String> {
+    read_text(path, "data.path = ")
+}
+
+/// Reads a non-empty UTF-8 text file; `what` prefixes the path in errors.
+pub fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read {what}{}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{what}{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.is_empty() {
+        bail!("{what}{} is empty", path.display());
+    }
+    Ok(text)
+}
+
+/// The backend RNG seed for step `step`: a SplitMix64 mix of the run seed and the step.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Training-loss and throughput accumulator between two log lines.
+#[derive(Debug)]
+struct LogWindow {
+    loss_sum: f64,
+    grad_norm_sum: f64,
+    steps: usize,
+    tokens: usize,
+    started: Instant,
+    excluded: std::time::Duration,
+}
+
+impl LogWindow {
+    fn new() -> Self {
+        Self {
+            loss_sum: 0.0,
+            grad_norm_sum: 0.0,
+            steps: 0,
+            tokens: 0,
+            started: Instant::now(),
+            excluded: std::time::Duration::ZERO,
+        }
+    }
+
+    fn from_state(state: LogWindowState) -> Self {
+        Self {
+            loss_sum: state.loss_sum,
+            grad_norm_sum: state.grad_norm_sum,
+            steps: state.steps,
+            ..Self::new()
+        }
+    }
+
+    fn state(&self) -> LogWindowState {
+        LogWindowState {
+            loss_sum: self.loss_sum,
+            grad_norm_sum: self.grad_norm_sum,
+            steps: self.steps,
+        }
+    }
+
+    /// Throughput counts from here (e.g. the start of `fit`, not of set-up).
+    fn restart_clock(&mut self) {
+        self.started = Instant::now();
+        self.tokens = 0;
+        self.excluded = std::time::Duration::ZERO;
+    }
+
+    fn add(&mut self, loss: f64, grad_norm: f64, tokens: usize) {
+        self.loss_sum += loss;
+        self.grad_norm_sum += grad_norm;
+        self.steps += 1;
+        self.tokens += tokens;
+    }
+
+    /// Time spent outside training (evaluation) does not count against throughput.
+    fn exclude(&mut self, d: std::time::Duration) {
+        self.excluded += d;
+    }
+
+    fn tokens_per_sec(&self) -> f64 {
+        let secs = (self.started.elapsed().saturating_sub(self.excluded)).as_secs_f64();
+        if secs > 0.0 { self.tokens as f64 / secs } else { 0.0 }
+    }
+
+    fn take(&mut self, step: usize, epoch: usize, lr: f64) -> MetricRecord {
+        let n = self.steps.max(1) as f64;
+        let record = MetricRecord {
+            step,
+            epoch,
+            train_loss: Some(self.loss_sum / n),
+            lr: Some(lr),
+            tokens_per_sec: Some(self.tokens_per_sec()),
+            grad_norm: Some(self.grad_norm_sum / n),
+            ..Default::default()
+        };
+        *self = Self::new();
+        record
+    }
+}

@@ -1,0 +1,16 @@
+//! kiln's integration tests, in one binary so that Burn is linked once.
+
+mod common;
+
+mod cli;
+mod config;
+mod model;
+mod optim;
+mod schedule;
+mod tokenizer;
+mod training;
+#[cfg(feature = "wgpu")]
+mod wgpu;
+mod checkpoint;
+mod crash;
+mod hostile;
