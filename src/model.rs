@@ -7,12 +7,12 @@
 //! stores `[out, in]`; `params::named_params` and friends own that transpose.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, Linear};
+use burn::nn::{Embedding, Linear};
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -119,9 +119,47 @@ pub struct LlamaForCausalLM {
     pub model: LlamaModel,
     /// `None` when the output projection is tied to `model.embed_tokens`.
     pub lm_head: Option<Linear>,
-    pub dropout: Dropout,
+    /// Training-time dropout rate (see [`DropoutMasks`]).
+    #[module(skip)]
+    dropout: f64,
     #[module(skip)]
     rope: RotaryTables,
+}
+
+/// Dropout masks drawn on the host from a ChaCha stream seeded per step.
+///
+/// Burn's backends keep one process-wide RNG (Flex: a global mutex), so two models training
+/// in one process, or parallel tests, would interleave their draws. A stream owned by the step
+/// makes dropout a pure function of `(seed, step)`, identical on every backend.
+pub struct DropoutMasks {
+    rng: ChaCha8Rng,
+    rate: f64,
+}
+
+impl DropoutMasks {
+    pub fn new(rate: f64, seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            rate,
+        }
+    }
+
+    /// `x` with each element zeroed with probability `rate` and the rest scaled by
+    /// `1 / (1 - rate)`.
+    fn apply(&mut self, x: Tensor<3>) -> Tensor<3> {
+        if self.rate <= 0.0 {
+            return x;
+        }
+        let keep = 1.0 - self.rate;
+        let dims = x.dims();
+        let n: usize = dims.iter().product();
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if self.rng.random::<f64>() < keep { scale } else { 0.0 })
+            .collect();
+        let device = x.device().without_autodiff();
+        x * Tensor::<3>::from_data(TensorData::new(mask, dims), &device)
+    }
 }
 
 /// Cached keys and values of one layer, `[batch, kv_heads, positions, head_dim]`.
@@ -332,15 +370,19 @@ impl LlamaForCausalLM {
                 norm: RmsNorm::ones(h, shape.rms_norm_eps, device),
             },
             lm_head,
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout,
             rope: RotaryTables::new(shape.head_dim(), shape.max_position_embeddings, shape.rope_theta),
         }
     }
 
     /// The same model with another training-time dropout rate.
     pub fn with_dropout(mut self, dropout: f64) -> Self {
-        self.dropout = DropoutConfig::new(dropout).init();
+        self.dropout = dropout;
         self
+    }
+
+    pub fn dropout(&self) -> f64 {
+        self.dropout
     }
 
     pub fn max_positions(&self) -> usize {
@@ -349,17 +391,32 @@ impl LlamaForCausalLM {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_cached(tokens, None)
+        self.forward_with(tokens, None, None)
     }
 
     /// Like `forward`, continuing from (and extending) `cache` when given: the tokens are at
     /// positions `cache.len()..`.
-    pub fn forward_cached(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.forward_with(tokens, cache, None)
+    }
+
+    /// The full forward pass; `dropout` (training only) masks the embeddings and each residual
+    /// branch.
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+        mut dropout: Option<&mut DropoutMasks>,
+    ) -> Tensor<3> {
+        let mut drop = |x: Tensor<3>| match dropout.as_deref_mut() {
+            Some(masks) => masks.apply(x),
+            None => x,
+        };
         let [_, s] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let device = tokens.device();
         let (cos, sin) = self.rope.slice(start, s, &device);
-        let mut x = self.dropout.forward(self.model.embed_tokens.forward(tokens));
+        let mut x = drop(self.model.embed_tokens.forward(tokens));
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
@@ -368,9 +425,9 @@ impl LlamaForCausalLM {
                 &sin,
                 layer_cache,
             );
-            x = x + self.dropout.forward(attn);
+            x = x + drop(attn);
             let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + self.dropout.forward(mlp);
+            x = x + drop(mlp);
         }
         let x = self.model.norm.forward(x);
         match &self.lm_head {
@@ -385,6 +442,13 @@ impl LlamaForCausalLM {
     /// Mean next-token cross-entropy (nats/token) of `targets` under `forward(inputs)`.
     pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
         cross_entropy(self.forward(inputs), targets)
+    }
+
+    /// The training loss, with dropout masks drawn from a stream seeded by `dropout_seed`.
+    pub fn train_loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>, dropout_seed: u64) -> Tensor<1> {
+        let mut masks = DropoutMasks::new(self.dropout, dropout_seed);
+        let masks = (self.dropout > 0.0).then_some(&mut masks);
+        cross_entropy(self.forward_with(inputs, None, masks), targets)
     }
 }
 

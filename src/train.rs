@@ -283,9 +283,10 @@ impl Learner {
     /// clipping.
     pub fn train_step(&mut self, batch: &Batch) -> Result<(f64, f64)> {
         // Randomness (dropout) is a function of (seed, step), so a resumed run draws the same.
-        self.device.seed(step_seed(self.config.training.seed, self.step));
         let (inputs, targets) = batch.to_tensors(&self.device);
-        let loss = self.model().loss(inputs, targets);
+        let loss = self
+            .model()
+            .train_loss(inputs, targets, step_seed(self.config.training.seed, self.step));
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             bail!(
@@ -857,7 +858,7 @@ pub fn read_text(path: &Path, what: &str) -> Result<String> {
     Ok(text)
 }
 
-/// The backend RNG seed for step `step`: a SplitMix64 mix of the run seed and the step.
+/// The dropout seed of step `step`: a SplitMix64 mix of the run seed and the step.
 fn step_seed(seed: u64, step: usize) -> u64 {
     let mut z = seed
         .wrapping_add(0x9E37_79B9_7F4A_7C15)

@@ -50,8 +50,8 @@ pub struct RngState {
     pub seed: u64,
     /// Batch order: ChaCha8 seeded from `(seed, data_position.epoch)`.
     pub data_order: String,
-    /// Backend RNG (dropout): reseeded before every step from `(seed, global_step)`.
-    pub backend: String,
+    /// Dropout masks: ChaCha8 seeded from `(seed, global_step)` for every step.
+    pub dropout: String,
 }
 
 impl RngState {
@@ -59,7 +59,7 @@ impl RngState {
         Self {
             seed,
             data_order: "chacha8(seed ^ epoch * 0x9E3779B97F4A7C15): offset, then shuffle".into(),
-            backend: "device.seed(splitmix64(seed, global_step)) before each step".into(),
+            dropout: "chacha8(splitmix64(seed, global_step)) per step, drawn on the host".into(),
         }
     }
 }

@@ -220,7 +220,13 @@ fn async_and_sync_saves_write_identical_files() {
             let weights = std::fs::read(&listed.paths.weights).unwrap();
             let optim = std::fs::read(&listed.paths.optim).unwrap();
             let mut sidecar = listed.sidecar.unwrap();
+            // Wall-clock fields differ between any two runs.
             sidecar.created_at.clear();
+            sidecar.started_at.clear();
+            sidecar.train_seconds = 0.0;
+            for r in &mut sidecar.metrics_history {
+                r.tokens_per_sec = None;
+            }
             sidecar.config.checkpoint.async_save = true;
             sidecar.config.output_dir = PathBuf::new();
             sidecar.config.data.path = PathBuf::new();

@@ -9,7 +9,9 @@ fn kiln() -> Command {
 }
 
 fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
-    let path = dir.join("run.toml");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("run{n}.toml"));
     std::fs::write(&path, body).unwrap();
     path
 }

@@ -63,11 +63,13 @@ pub fn run(backend: BackendKind, steps: usize, dropout: f64) -> (String, Vec<kil
 #[test]
 fn same_seed_gives_bit_identical_runs_on_each_cpu_backend() {
     for backend in [BackendKind::Flex, BackendKind::Ndarray] {
-        // Dropout on, so the per-step reseeding of the backend RNG is exercised too.
+        // Dropout on, so the per-step dropout streams are exercised too.
         let (metrics_a, weights_a) = run(backend, 20, 0.1);
         let (metrics_b, weights_b) = run(backend, 20, 0.1);
         assert_eq!(metrics_a, metrics_b, "{backend:?}: loss curves differ");
         assert!(weights_a == weights_b, "{backend:?}: final weights differ");
+        let (metrics_c, _) = run(backend, 20, 0.0);
+        assert_ne!(metrics_a, metrics_c, "{backend:?}: dropout changed nothing");
     }
 }
 
