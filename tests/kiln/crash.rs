@@ -105,7 +105,7 @@ fn ctrl_c_finishes_the_step_saves_latest_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let ck_dir = dir.path().join("out/checkpoints");
-    let mut child = kiln()
+    let child = kiln()
         .args(["train", "--config"])
         .arg(&config)
         .args(["--set", "checkpoint.save_every_steps=0", "--set", "training.eval_every_steps=1000000"])

@@ -14,3 +14,4 @@ mod wgpu;
 mod checkpoint;
 mod crash;
 mod hostile;
+mod hf;

@@ -1,0 +1,293 @@
+//! Compatibility with Hugging Face `transformers`, both directions, checked by Python itself
+//! (tests/python/hf_compat.py; `.ci/run` installs torch, transformers, safetensors, tokenizers).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln::config::{Config, TokenizerKind};
+use kiln::generate::{SamplingOptions, generate_ids};
+use kiln::model::LlamaForCausalLM;
+use kiln::pretrained::{self, LoadOptions};
+use kiln::train::Learner;
+use serde_json::Value;
+
+use super::common::{repo_path, tiny_config};
+
+fn python(args: &[&str]) -> String {
+    let output = Command::new("python3")
+        .arg(repo_path("tests/python/hf_compat.py"))
+        .args(args)
+        .output()
+        .expect("python3 must be installed (see .ci/run)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "hf_compat.py {args:?} failed (needs `pip install torch transformers safetensors tokenizers`):\n{stderr}"
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn logits(model: &LlamaForCausalLM, ids: &[u32]) -> Vec<f32> {
+    let device = Device::flex();
+    let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(input, [1, ids.len()]), &device);
+    model.forward(t).into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn write_f32(path: &Path, values: &[f32]) {
+    std::fs::write(path, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+}
+
+/// Trains a tiny model with `adjust` applied to the config and returns its final bundle.
+fn trained_bundle(dir: &Path, adjust: impl FnOnce(&mut Config)) -> (Config, PathBuf) {
+    let mut config = tiny_config(dir);
+    config.training.max_steps = 12;
+    adjust(&mut config);
+    let mut learner = Learner::new(config.clone()).unwrap();
+    learner.fit().unwrap();
+    let bundle = config.bundle_dir().join("model_v1.0_final");
+    assert!(learner.exported.contains(&bundle), "{:?}", learner.exported);
+    (config, bundle)
+}
+
+/// kiln's logits and tokenization of a bundle, checked by transformers.
+fn check_in_transformers(bundle: &Path, work: &Path, sample: &str) -> Value {
+    let p = pretrained::load(bundle, &Device::flex(), &LoadOptions::default()).unwrap();
+    assert!(p.report.unexpected.is_empty() && p.report.missing.is_empty(), "{:?}", p.report);
+    let tokenizer = p.tokenizer.as_ref().unwrap();
+    let ids = tokenizer.encode(sample).unwrap();
+    let ids = &ids[..ids.len().min(40)];
+    std::fs::write(work.join("ids.json"), serde_json::to_string(ids).unwrap()).unwrap();
+    write_f32(&work.join("logits.f32"), &logits(&p.model, ids));
+    std::fs::write(work.join("text.txt"), sample).unwrap();
+    let all_ids = tokenizer.encode(sample).unwrap();
+    std::fs::write(work.join("text_ids.json"), serde_json::to_string(&all_ids).unwrap()).unwrap();
+    let s = |p: PathBuf| p.display().to_string();
+    let out = python(&[
+        "check-bundle",
+        &s(bundle.to_path_buf()),
+        "--ids",
+        &s(work.join("ids.json")),
+        "--logits",
+        &s(work.join("logits.f32")),
+        "--text",
+        &s(work.join("text.txt")),
+        "--text-ids",
+        &s(work.join("text_ids.json")),
+    ]);
+    serde_json::from_str(out.trim().lines().last().unwrap()).unwrap()
+}
+
+const SAMPLE: &str = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n";
+
+#[test]
+fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
+    // Character tokenizer, untied, multi-head; then BPE, tied, grouped-query, another theta,
+    // exported again through `kiln export` in small shards.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bundle) = trained_bundle(dir.path(), |_| {});
+    let report = check_in_transformers(&bundle, dir.path(), SAMPLE);
+    assert!(report["max_logit_diff"].as_f64().unwrap() <= 1e-4);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bundle) = trained_bundle(dir.path(), |c| {
+        c.data.tokenizer = TokenizerKind::Bpe;
+        c.data.vocab_size = 300;
+        c.model.tie_word_embeddings = true;
+        c.model.num_kv_heads = 1;
+        c.model.rope_theta = 500_000.0;
+    });
+    check_in_transformers(&bundle, dir.path(), SAMPLE);
+
+    let sharded = dir.path().join("sharded");
+    let latest = config.checkpoint_dir().join("checkpoint_latest.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", "--checkpoint"])
+        .arg(&latest)
+        .args(["--max-shard-size", "20KB", "--out"])
+        .arg(&sharded)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let files: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    assert!(files.len() > 2, "{files:?}");
+    assert!(files.iter().all(|f| f.starts_with("model-000") && f.contains(&format!("-of-{:05}", files.len()))));
+    assert!(!sharded.join("model.safetensors").exists());
+    let report = check_in_transformers(&sharded, dir.path(), SAMPLE);
+    assert_eq!(index["metadata"]["total_parameters"], report["params"]);
+    // The same weights, whether sharded or not.
+    let a = pretrained::load(&bundle, &Device::flex(), &LoadOptions::default()).unwrap();
+    let b = pretrained::load(&sharded, &Device::flex(), &LoadOptions::default()).unwrap();
+    assert!(kiln::params::named_tensors(&a.model) == kiln::params::named_tensors(&b.model));
+
+    // A bundle is never overwritten.
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", "--checkpoint"])
+        .arg(&latest)
+        .arg("--out")
+        .arg(&sharded)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("never overwrites"));
+}
+
+struct HfCase {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+#[test]
+fn transformers_models_load_in_kiln_with_the_same_logits_and_greedy_text() {
+    let cases = [
+        HfCase { name: "untied f32 single file", args: &["--dtype", "float32"] },
+        HfCase { name: "tied bf16 sharded gqa", args: &["--tied", "--kv-heads", "2", "--dtype", "bfloat16", "--shard-size", "30KB", "--rope-theta", "500000"] },
+        HfCase { name: "untied f16 sharded mqa", args: &["--kv-heads", "1", "--dtype", "float16", "--shard-size", "40KB"] },
+    ];
+    let prompt = "To be, or not to be";
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model_dir = dir.path().join("hf");
+        // The character tokenizer of hf_compat.py maps printable ASCII from 32 upwards.
+        let ids: Vec<u32> = prompt.bytes().map(|b| (b - 32) as u32).collect();
+        std::fs::write(dir.path().join("ids.json"), serde_json::to_string(&ids).unwrap()).unwrap();
+        let mut args = vec!["make-model", model_dir.to_str().unwrap(), "--ids", dir.path().join("ids.json").to_str().unwrap().to_owned().leak()];
+        args.extend_from_slice(case.args);
+        python(&args);
+
+        let p = pretrained::load(&model_dir, &Device::flex(), &LoadOptions::default()).unwrap();
+        assert!(p.report.missing.is_empty() && p.report.unexpected.is_empty(), "{}: {:?}", case.name, p.report);
+        let tokenizer = p.tokenizer.as_ref().unwrap();
+        assert_eq!(tokenizer.encode(prompt).unwrap(), ids, "{}", case.name);
+        let reference: Vec<f32> = std::fs::read(model_dir.join("reference_logits.f32"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let ours = logits(&p.model, &ids);
+        let diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4, "{}: logits differ by {diff}", case.name);
+
+        let greedy: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(model_dir.join("reference_greedy.json")).unwrap()).unwrap();
+        let options = SamplingOptions { max_new_tokens: greedy.len(), temperature: 0.0, top_k: None, seed: 0, eos_token_id: None };
+        let ours = generate_ids(&p.model, &ids, &options, &Device::flex()).unwrap();
+        assert_eq!(ours, greedy, "{}: greedy continuation", case.name);
+
+        // The CLI prints the same continuation.
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", "--model"])
+            .arg(&model_dir)
+            .args(["--prompt", prompt, "--temperature", "0", "--max-new-tokens", &greedy.len().to_string()])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(text.trim_end_matches('\n'), tokenizer.decode(&greedy).unwrap(), "{}", case.name);
+    }
+}
+
+/// Copies an HF directory's single weights file with every tensor renamed by `rename`.
+fn renamed_copy(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let file = kiln::safetensors_io::SafetensorsFile::open(&src.join("model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for (name, dtype, shape, _) in file.tensors() {
+        let Some(new) = rename(&name) else { continue };
+        let bytes = file.raw(&name).unwrap().1.to_vec();
+        tensors.push(kiln::safetensors_io::PendingTensor { name: new, dtype, shape, bytes: Box::new(move || bytes) });
+    }
+    let mut out = std::fs::File::create(dst.join("model.safetensors")).unwrap();
+    kiln::safetensors_io::write_to(&mut out, &Default::default(), tensors).unwrap();
+}
+
+#[test]
+fn other_names_load_through_key_maps_and_partial_loading_is_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::write(dir.path().join("ids.json"), "[1, 2, 3]").unwrap();
+    python(&["make-model", hf.to_str().unwrap(), "--ids", dir.path().join("ids.json").to_str().unwrap(), "--new-tokens", "1"]);
+    let reference = pretrained::load(&hf, &Device::flex(), &LoadOptions::default()).unwrap();
+
+    // GPT-style names: transformer.h.N.* instead of model.layers.N.*
+    let renamed = dir.path().join("renamed");
+    renamed_copy(&hf, &renamed, |n| Some(n.replace("model.layers.", "transformer.h.")));
+    let err = pretrained::load(&renamed, &Device::flex(), &LoadOptions::default()).err().unwrap();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("missing tensor `model.layers.0.self_attn.q_proj.weight`"), "{msg}");
+    let options = LoadOptions::with_rules(&[r"^transformer\.h\.(\d+)\.=model.layers.$1.".to_string()]).unwrap();
+    let mapped = pretrained::load(&renamed, &Device::flex(), &options).unwrap();
+    assert!(kiln::params::named_tensors(&mapped.model) == kiln::params::named_tensors(&reference.model));
+    assert_eq!(mapped.report.renamed.len(), 18);
+    assert!(mapped.report.unexpected.is_empty());
+
+    // A dropped tensor and an extra one: refused, unless partial loading is asked for.
+    let partial = dir.path().join("partial");
+    renamed_copy(&hf, &partial, |n| match n {
+        "model.norm.weight" => None,
+        "lm_head.weight" => Some("extra.head".to_string()),
+        other => Some(other.to_string()),
+    });
+    assert!(pretrained::load(&partial, &Device::flex(), &LoadOptions::default()).is_err());
+    let options = LoadOptions { allow_partial: true, ..Default::default() };
+    let loaded = pretrained::load(&partial, &Device::flex(), &options).unwrap();
+    assert_eq!(loaded.report.missing, ["model.norm.weight", "lm_head.weight"]);
+    assert_eq!(loaded.report.unexpected, ["extra.head"]);
+
+    // Fine-tuning starts from the pretrained weights and tokenizer.
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut config = tiny_config(&run);
+    config.model.init_from = Some(hf.clone());
+    config.data.seq_len = 16;
+    let text: String = std::fs::read_to_string(&config.data.path).unwrap().chars().filter(|c| *c == '\n' || (' '..='~').contains(c)).collect();
+    std::fs::write(&config.data.path, text).unwrap();
+    let learner = Learner::new(config).unwrap();
+    assert!(kiln::params::named_tensors(learner.model()) == kiln::params::named_tensors(&reference.model));
+    assert_eq!(learner.shape, reference.shape);
+}
+
+#[test]
+fn bundles_carry_metadata_and_a_model_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bundle) = trained_bundle(dir.path(), |c| c.training.eval_every_steps = 4);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "training_metadata.json", "README.md", "loss_curve.svg"] {
+        assert!(bundle.join(f).exists(), "bundle lacks {f}");
+    }
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("training_metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["global_step"], 12);
+    assert_eq!(meta["hyperparameters"]["training"]["batch_size"], config.training.batch_size);
+    assert_eq!(meta["data"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(meta["final_metrics"]["val_loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(meta["best_metric"]["name"], "val_loss");
+    assert!(meta["wall_seconds"].as_f64().unwrap() > 0.0);
+    assert!(meta["hardware"]["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(meta["kiln_version"], env!("CARGO_PKG_VERSION"));
+    assert!(chrono::DateTime::parse_from_rfc3339(meta["exported_at"].as_str().unwrap()).is_ok());
+    let card = std::fs::read_to_string(bundle.join("README.md")).unwrap();
+    for needle in ["# model_v1.0_final", "LlamaForCausalLM", "## Architecture", "## Training", "AutoModelForCausalLM.from_pretrained", "kiln generate", "## Limitations", "loss_curve.svg", "| parameters |"] {
+        assert!(card.contains(needle), "model card lacks {needle:?}");
+    }
+    // The best bundle was exported too, from the best checkpoint.
+    let best = std::fs::read_dir(config.bundle_dir()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("model_v1.0_epoch")).count();
+    assert_eq!(best, 1);
+
+    // kiln eval on the bundle agrees with the validation loss it reports for the same text.
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["eval", "--json", "--model"])
+        .arg(&bundle)
+        .arg("--text-file")
+        .arg(&config.data.path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let v: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ce = v["cross_entropy"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - ce.exp()).abs() < 1e-9);
+    assert!(ce > 1.0 && ce < 4.5, "{ce}");
+    assert_eq!(v["window"], config.data.seq_len);
+}
