@@ -110,7 +110,8 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A .safetensors file (model weights, optimizer state, or any other).
+    /// A .safetensors file (checkpoint weights, optimizer state, or any other), a bundle or
+    /// Hugging Face model directory, or its model.safetensors.index.json.
     pub file: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]

@@ -74,7 +74,119 @@ fn summary(s: &Sidecar) -> Value {
     })
 }
 
+/// The facts `inspect` reports about a bundle or Hugging Face directory (or its shard index):
+/// the architecture from `config.json`, every tensor with the file holding it, and the index.
+pub fn describe_bundle(dir: &Path) -> Result<Value> {
+    let (shape, _) = crate::pretrained::read_config(dir)?;
+    let weights = crate::pretrained::WeightFiles::open(dir)?;
+    let mut tensors = Vec::new();
+    let mut parameters = 0u64;
+    let mut tensor_bytes = 0u64;
+    for file in weights.files() {
+        let file_name = file.path().file_name().unwrap_or_default().to_string_lossy().into_owned();
+        for (name, dtype, shape, size) in file.tensors() {
+            parameters += shape.iter().product::<usize>() as u64;
+            tensor_bytes += size as u64;
+            tensors.push(json!({"name": name, "dtype": format!("{dtype:?}"), "shape": shape, "bytes": size, "file": file_name}));
+        }
+    }
+    let files: Vec<Value> = weights
+        .files()
+        .iter()
+        .map(|f| {
+            json!({
+                "name": f.path().file_name().unwrap_or_default().to_string_lossy(),
+                "bytes": std::fs::metadata(f.path()).map(|m| m.len()).unwrap_or(0),
+                "metadata": f.metadata(),
+            })
+        })
+        .collect();
+    let index = std::fs::read_to_string(dir.join(crate::export::INDEX_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    if let Some(index) = &index
+        && let Some(total) = index["metadata"]["total_size"].as_u64()
+        && total != tensor_bytes
+    {
+        bail!(
+            "{}: total_size {total} does not match the {tensor_bytes} bytes of tensors in the shards",
+            dir.join(crate::export::INDEX_FILE).display()
+        );
+    }
+    let training = std::fs::read_to_string(dir.join("training_metadata.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    Ok(json!({
+        "path": dir.display().to_string(),
+        "architecture": shape,
+        "parameters": parameters,
+        "bytes": tensor_bytes,
+        "files": files,
+        "sharded": index.is_some(),
+        "index_metadata": index.as_ref().map(|i| i["metadata"].clone()),
+        "tensors": tensors,
+        "training": training.map(|t| json!({
+            "global_step": t["global_step"],
+            "final_metrics": t["final_metrics"],
+            "best_metric": t["best_metric"],
+            "exported_at": t["exported_at"],
+        })),
+    }))
+}
+
+fn print_bundle(r: &Value) {
+    println!("bundle      {}", r["path"].as_str().unwrap_or(""));
+    println!("model       {}", r["architecture"]);
+    println!("parameters  {}", r["parameters"]);
+    println!("size        {}", human_bytes(r["bytes"].as_u64().unwrap_or(0)));
+    if r["sharded"].as_bool() == Some(true) {
+        println!("index       {}", r["index_metadata"]);
+    }
+    println!("files");
+    for f in r["files"].as_array().into_iter().flatten() {
+        println!(
+            "  {}  {}  {}",
+            f["name"].as_str().unwrap_or(""),
+            human_bytes(f["bytes"].as_u64().unwrap_or(0)),
+            f["metadata"]
+        );
+    }
+    if !r["training"].is_null() {
+        println!("training    {}", r["training"]);
+    }
+    let tensors = r["tensors"].as_array().cloned().unwrap_or_default();
+    let width = tensors.iter().map(|t| t["name"].as_str().unwrap_or("").len()).max().unwrap_or(4).max(4);
+    println!("tensors     {}", tensors.len());
+    println!("  {:width$}  {:5}  {:20}  file", "name", "dtype", "shape");
+    for t in &tensors {
+        println!(
+            "  {:width$}  {:5}  {:20}  {}",
+            t["name"].as_str().unwrap_or(""),
+            t["dtype"].as_str().unwrap_or(""),
+            t["shape"].to_string(),
+            t["file"].as_str().unwrap_or("")
+        );
+    }
+}
+
 pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    // A bundle (directory) or its shard index describes the whole model.
+    let bundle_dir = if path.is_dir() {
+        Some(path.to_path_buf())
+    } else if path.to_string_lossy().ends_with(".index.json") {
+        Some(parent(path).to_path_buf())
+    } else {
+        None
+    };
+    if let Some(dir) = bundle_dir {
+        let report = describe_bundle(&dir)?;
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_bundle(&report);
+        }
+        return Ok(());
+    }
     let mut report = describe_file(path)?;
     let checkpoint = describe_checkpoint(path);
     let invalid = checkpoint

@@ -196,6 +196,11 @@ impl WeightFiles {
         Ok(Self { files, names })
     }
 
+    /// The weight files, in file-name order.
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let i = *self.names.get(name).ok_or_else(|| anyhow!("tensor `{name}` not found"))?;
         Ok(self.files[i].read_f32(name, Some(shape))?.0)

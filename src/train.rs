@@ -92,6 +92,8 @@ pub fn install_signal_handler() -> Result<()> {
 pub struct Learner {
     pub config: Config,
     pub tokenizer: KilnTokenizer,
+    /// The tokenizer as saved in every checkpoint sidecar (serialized once).
+    tokenizer_json: serde_json::Value,
     pub shape: LlamaShape,
     /// The autodiff device training runs on.
     pub device: Device,
@@ -231,9 +233,12 @@ impl Learner {
             Some(ck) => MetricsLog::resume(&metrics_path, ck.sidecar.metrics_history.clone())?,
             None => MetricsLog::create(&metrics_path)?,
         };
+        let tokenizer_json = serde_json::from_str(&tokenizer.to_json()?)
+            .context("the tokenizer's own JSON does not parse")?;
         let mut learner = Self {
             config,
             tokenizer,
+            tokenizer_json,
             shape,
             device,
             model: Some(model),
@@ -625,8 +630,7 @@ impl Learner {
             log_window: self.window.state(),
             model: self.shape.clone(),
             config: c.clone(),
-            tokenizer: serde_json::from_str(&self.tokenizer.to_json().unwrap_or_default())
-                .unwrap_or(serde_json::Value::Null),
+            tokenizer: self.tokenizer_json.clone(),
             data_sha256: self.data_sha256.clone(),
             started_at: self.started_at.clone(),
             train_seconds: self.train_seconds(),

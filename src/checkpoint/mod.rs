@@ -447,28 +447,10 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint> {
     })
 }
 
-/// A backup's sidecar names the regular file names; check the backup files instead.
+/// A backup's sidecar records the regular file names; check the backup copies instead.
 fn verify_backup(backup: &CheckpointPaths, sidecar: &Sidecar) -> Result<(), CheckpointError> {
-    let mut renamed = sidecar.clone();
-    for f in &mut renamed.files {
-        let regular = parent(&backup.sidecar).join(&f.name);
-        f.name = file_name(&prev_path(&regular));
-    }
-    // `verify_files` refuses hidden names; check the backup files directly.
-    for f in &renamed.files {
-        let path = parent(&backup.sidecar).join(&f.name);
-        let digest = crate::safetensors_io::digest_file(&path).map_err(|e| CheckpointError::File {
-            path: path.clone(),
-            problem: e.to_string(),
-        })?;
-        if digest.bytes != f.bytes || digest.sha256 != f.sha256 {
-            return Err(CheckpointError::File {
-                path,
-                problem: "backup does not match its sidecar".into(),
-            });
-        }
-    }
-    Ok(())
+    let dir = parent(&backup.sidecar);
+    sidecar.verify_files_at(|name| prev_path(&dir.join(name)))
 }
 
 /// One checkpoint found in a directory.

@@ -230,8 +230,14 @@ impl Sidecar {
 
     /// Checks every tensor file against the size and SHA-256 recorded here.
     pub fn verify_files(&self, dir: &Path) -> Result<(), CheckpointError> {
+        self.verify_files_at(|name| dir.join(name))
+    }
+
+    /// Like [`Sidecar::verify_files`], with the file of each recorded name given by `locate`
+    /// (e.g. the backup copy of a checkpoint being replaced).
+    pub fn verify_files_at(&self, locate: impl Fn(&str) -> PathBuf) -> Result<(), CheckpointError> {
         for entry in &self.files {
-            let path = dir.join(&entry.name);
+            let path = locate(&entry.name);
             if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
                 return Err(CheckpointError::File {
                     path,

@@ -101,7 +101,13 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_latest() {
 }
 
 #[test]
-fn ctrl_c_finishes_the_step_saves_latest_and_exits_cleanly() {
+fn ctrl_c_and_sigterm_finish_the_step_save_latest_and_exit_cleanly() {
+    for signal in ["-INT", "-TERM"] {
+        interrupt_with(signal);
+    }
+}
+
+fn interrupt_with(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let ck_dir = dir.path().join("out/checkpoints");
@@ -122,12 +128,12 @@ fn ctrl_c_finishes_the_step_saves_latest_and_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!ck_dir.join("checkpoint_latest.meta.json").exists());
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{signal}: {stderr}");
+    assert!(stderr.contains("interrupted"), "{signal}: {stderr}");
     let latest = checkpoint::require_latest(&ck_dir).unwrap();
     assert!(latest.global_step > 0);
 }

@@ -122,6 +122,22 @@ fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
     let b = pretrained::load(&sharded, &Device::flex(), &LoadOptions::default()).unwrap();
     assert!(kiln::params::named_tensors(&a.model) == kiln::params::named_tensors(&b.model));
 
+    // `kiln inspect` describes a bundle through its directory or its index.
+    for target in [sharded.clone(), sharded.join("model.safetensors.index.json")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["inspect", "--json"]).arg(&target).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let v: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(v["sharded"], true);
+        assert_eq!(v["parameters"], index["metadata"]["total_parameters"]);
+        assert_eq!(v["bytes"], index["metadata"]["total_size"]);
+        assert_eq!(v["files"].as_array().unwrap().len(), files.len());
+        assert_eq!(v["tensors"].as_array().unwrap().len(), index["weight_map"].as_object().unwrap().len());
+        assert_eq!(v["architecture"]["num_kv_heads"], 1);
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("inspect").arg(&bundle).output().unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && table.contains("model.safetensors") && table.contains("training"), "{table}");
+
     // A bundle is never overwritten.
     let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["export", "--checkpoint"])

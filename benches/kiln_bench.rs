@@ -1,0 +1,424 @@
+//! kiln's benchmark: every comparison measured side by side in one run, alternating between
+//! kiln and its reference on every repetition, reported as medians in one table.
+//!
+//!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--only train,checkpoint,stall,generate,gpu]
+//!
+//! References: PyTorch eager (transformers `LlamaForCausalLM`, AdamW) for training and
+//! generation, Python `safetensors` and a raw fsynced sequential write for checkpoint I/O
+//! (benches/torch_bench.py, which needs torch, transformers and safetensors). CPU figures use
+//! two threads on both sides. Timings live here, never in tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln::checkpoint::policy::Kind;
+use kiln::checkpoint::storage::LocalFs;
+use kiln::checkpoint::{self, CheckpointManager};
+use kiln::config::{BackendKind, Config};
+use kiln::generate::{SamplingOptions, generate_ids};
+use kiln::model::LlamaForCausalLM;
+use kiln::train::Learner;
+
+/// A Llama shape benchmarked on both sides.
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    intermediate: usize,
+    batch: usize,
+    seq_len: usize,
+}
+
+/// configs/tiny.toml.
+const TINY: Shape = Shape { name: "tiny (0.9M)", hidden: 128, layers: 4, heads: 4, intermediate: 384, batch: 16, seq_len: 64 };
+/// configs/small-10m.toml.
+const SMALL: Shape = Shape { name: "small (10.7M)", hidden: 384, layers: 6, heads: 6, intermediate: 1024, batch: 16, seq_len: 128 };
+/// About 100M parameters, for checkpoint I/O.
+const LARGE: Shape = Shape { name: "100M", hidden: 768, layers: 14, heads: 12, intermediate: 2048, batch: 1, seq_len: 16 };
+
+struct Row {
+    benchmark: String,
+    kiln: f64,
+    reference: Option<(String, f64)>,
+    unit: &'static str,
+    higher_is_better: bool,
+    goal: &'static str,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
+    let text = format!(
+        "output_dir = {out:?}\n[model]\nhidden_size = {}\nnum_layers = {}\nnum_heads = {}\nnum_kv_heads = {}\n\
+         intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\nseq_len = {}\n\
+         [training]\nbackend = \"{}\"\nbatch_size = {}\nmax_steps = 100000\neval_batches = 1\n\
+         [checkpoint]\nsave_every_steps = 0\nsave_every_epochs = 0\n[export]\non_best = false\nat_end = false\n",
+        shape.hidden,
+        shape.layers,
+        shape.heads,
+        shape.heads,
+        shape.intermediate,
+        shape.seq_len.max(256),
+        repo().join("data/shakespeare.txt"),
+        shape.seq_len,
+        backend.name(),
+        shape.batch,
+    );
+    Ok(Config::from_toml_str(&text, "benchmark config", &[])?)
+}
+
+fn python(args: &[String]) -> Result<serde_json::Value> {
+    let output = Command::new("python3")
+        .arg(repo().join("benches/torch_bench.py"))
+        .args(args)
+        .output()
+        .context("python3 is needed for the reference measurements")?;
+    if !output.status.success() {
+        bail!("torch_bench.py {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}"))?)
+}
+
+fn torch_shape_args(shape: Shape, vocab: usize) -> Vec<String> {
+    [
+        ("--vocab", vocab),
+        ("--hidden", shape.hidden),
+        ("--intermediate", shape.intermediate),
+        ("--layers", shape.layers),
+        ("--heads", shape.heads),
+        ("--kv-heads", shape.heads),
+        ("--batch", shape.batch),
+        ("--seq-len", shape.seq_len),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect()
+}
+
+/// kiln's training throughput (tokens/s) over `steps` steps after `warmup`.
+fn kiln_train(shape: Shape, backend: BackendKind, warmup: usize, steps: usize) -> Result<(f64, usize)> {
+    let dir = tempfile::tempdir()?;
+    let mut learner = Learner::new(config(shape, backend, dir.path())?)?;
+    let vocab = learner.shape.vocab_size;
+    let batches: Vec<_> = (0..warmup + steps).map(|_| learner.loader.next_batch().expect("a long epoch")).collect();
+    for b in &batches[..warmup] {
+        learner.train_step(b)?;
+    }
+    let start = Instant::now();
+    for b in &batches[warmup..] {
+        learner.train_step(b)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(((steps * shape.batch * shape.seq_len) as f64 / secs, vocab))
+}
+
+fn train_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
+    for (shape, steps) in [(TINY, if quick { 8 } else { 20 }), (SMALL, if quick { 3 } else { 8 })] {
+        let (mut flex, mut ndarray, mut torch) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let (t, vocab) = kiln_train(shape, BackendKind::Flex, 3, steps)?;
+            flex.push(t);
+            ndarray.push(kiln_train(shape, BackendKind::Ndarray, 2, steps)?.0);
+            let mut args = vec!["train".to_string()];
+            args.extend(torch_shape_args(shape, vocab));
+            args.extend(["--steps".into(), steps.to_string(), "--threads".into(), "2".into()]);
+            torch.push(python(&args)?["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
+            eprintln!("bench: train {}: flex {:.0}, ndarray {:.0}, torch {:.0} tok/s", shape.name, flex.last().unwrap(), ndarray.last().unwrap(), torch.last().unwrap());
+        }
+        let torch = median(torch);
+        for (backend, values) in [("flex", flex), ("ndarray", ndarray)] {
+            rows.push(Row {
+                benchmark: format!("train {} b{}x{} on {backend}", shape.name, shape.batch, shape.seq_len),
+                kiln: median(values),
+                reference: Some(("PyTorch eager, 2 threads".into(), torch)),
+                unit: "tok/s",
+                higher_is_better: true,
+                goal: ">= 1.0x",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Peak and current resident memory of this process, in bytes.
+fn memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn raw_write(path: &Path, bytes: u64) -> Result<f64> {
+    use std::io::Write;
+    let buf = vec![0x5au8; 8 << 20];
+    let start = Instant::now();
+    let mut f = std::fs::File::create(path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(secs)
+}
+
+/// Loads a checkpoint into usable device tensors: verification, weights into the model,
+/// optimizer moments into tensors.
+fn kiln_load(path: &Path, model: LlamaForCausalLM, device: &Device) -> Result<(f64, LlamaForCausalLM)> {
+    let start = Instant::now();
+    let ck = checkpoint::load(path)?;
+    let model = kiln::params::load_named(model, &mut |name: &str, shape: &[usize]| {
+        ck.weights.read_f32(name, Some(shape)).map(|(v, _)| v).map_err(|e| e.to_string())
+    })
+    .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+    let mut moments = Vec::new();
+    for (name, ..) in ck.optim.tensors() {
+        let (values, shape) = ck.optim.read_f32(&name, None)?;
+        let n = values.len();
+        moments.push(Tensor::<1>::from_data(TensorData::new(values, [n]), device).reshape([shape.iter().product::<usize>()]));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(moments);
+    Ok((secs, model))
+}
+
+fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
+    let dir = tempfile::tempdir_in(repo().join("target"))?;
+    let mut learner = Learner::new(config(LARGE, BackendKind::Flex, &dir.path().join("run"))?)?;
+    let batch = learner.loader.next_batch().expect("a batch");
+    learner.train_step(&batch)?; // creates the optimizer moments
+    let params = learner.shape.num_params();
+    let policy = learner.checkpoints.policy().clone();
+    let ck_dir = dir.path().join("ck");
+    let mut manager = CheckpointManager::open(&ck_dir, policy, Arc::new(LocalFs), false)?;
+    let files = |name: &str| [ck_dir.join(format!("{name}.safetensors")), ck_dir.join(format!("{name}.optim.safetensors"))];
+    let device = Device::flex();
+    let mut model = LlamaForCausalLM::init(&learner.shape, 0.02, 0.0, 0, &device);
+
+    let (mut save, mut raw, mut py_save, mut load, mut py_load, mut peak) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut bytes = 0u64;
+    for _ in 0..reps {
+        reset_peak_memory();
+        let (_, rss_before) = memory();
+        let start = Instant::now();
+        manager.save(vec![Kind::Latest], learner.snapshot())?;
+        save.push(start.elapsed().as_secs_f64());
+        let (hwm, _) = memory();
+        bytes = files("checkpoint_latest").iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+        peak.push(hwm.saturating_sub(rss_before) as f64 / bytes as f64 * 100.0);
+
+        raw.push(raw_write(&dir.path().join("raw.bin"), bytes)?);
+
+        let names: Vec<String> = files("checkpoint_latest").iter().map(|p| p.display().to_string()).collect();
+        let mut args = vec!["save".to_string(), "--files".into()];
+        args.extend(names.clone());
+        args.extend(["--out".into(), dir.path().join("torch.safetensors").display().to_string()]);
+        py_save.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
+
+        let (secs, m) = kiln_load(&files("checkpoint_latest")[0], model, &device)?;
+        model = m;
+        load.push(secs);
+        let mut args = vec!["load".to_string(), "--files".into()];
+        args.extend(names);
+        py_load.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
+        eprintln!(
+            "bench: checkpoint: save {:.2}s raw {:.2}s py {:.2}s | load {:.2}s py {:.2}s | peak +{:.1}%",
+            save.last().unwrap(), raw.last().unwrap(), py_save.last().unwrap(), load.last().unwrap(), py_load.last().unwrap(), peak.last().unwrap()
+        );
+    }
+    let gb = bytes as f64 / 1e9;
+    let label = format!("checkpoint {:.0}M params ({:.2} GB with moments)", params as f64 / 1e6, gb);
+    let bw = |secs: Vec<f64>| gb / median(secs);
+    let raw_bw = bw(raw);
+    rows.push(Row { benchmark: format!("{label}: save bandwidth"), kiln: bw(save.clone()), reference: Some(("raw fsynced write".into(), raw_bw)), unit: "GB/s", higher_is_better: true, goal: ">= 0.9x" });
+    rows.push(Row { benchmark: format!("{label}: save bandwidth"), kiln: bw(save), reference: Some(("Python safetensors save_file + fsync".into(), bw(py_save))), unit: "GB/s", higher_is_better: true, goal: "" });
+    rows.push(Row { benchmark: format!("{label}: load to tensors"), kiln: bw(load), reference: Some(("Python safetensors load_file".into(), bw(py_load))), unit: "GB/s", higher_is_better: true, goal: ">= 1.0x" });
+    rows.push(Row { benchmark: format!("{label}: extra peak memory during save"), kiln: median(peak), reference: None, unit: "% of size", higher_is_better: false, goal: "<= 10%" });
+    Ok(())
+}
+
+/// Wall time of `steps` training steps with a save of `checkpoint_latest` every `every` steps
+/// (`None`: no saves), waiting for the last save.
+fn timed_run(async_save: Option<bool>, steps: usize, every: usize) -> Result<f64> {
+    let dir = tempfile::tempdir_in(repo().join("target"))?;
+    let mut cfg = config(SMALL, BackendKind::Flex, dir.path())?;
+    cfg.checkpoint.async_save = async_save.unwrap_or(true);
+    let mut learner = Learner::new(cfg)?;
+    let batches: Vec<_> = (0..steps + 2).map(|_| learner.loader.next_batch().expect("a batch")).collect();
+    for b in &batches[..2] {
+        learner.train_step(b)?;
+    }
+    let start = Instant::now();
+    for (i, b) in batches[2..].iter().enumerate() {
+        learner.train_step(b)?;
+        if async_save.is_some() && (i + 1) % every == 0 {
+            let snapshot = learner.snapshot();
+            learner.checkpoints.save(vec![Kind::Latest], snapshot)?;
+        }
+    }
+    learner.checkpoints.wait()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn stall_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
+    let (steps, every) = if quick { (6, 3) } else { (12, 3) };
+    let saves = (steps / every) as f64;
+    let (mut none, mut sync, mut asynchronous) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        none.push(timed_run(None, steps, every)?);
+        sync.push(timed_run(Some(false), steps, every)?);
+        asynchronous.push(timed_run(Some(true), steps, every)?);
+        eprintln!("bench: stall: none {:.2}s sync {:.2}s async {:.2}s", none.last().unwrap(), sync.last().unwrap(), asynchronous.last().unwrap());
+    }
+    let base = median(none);
+    let stall = |v: Vec<f64>| ((median(v) - base) / saves * 1000.0).max(0.0);
+    rows.push(Row {
+        benchmark: format!("training stall per checkpoint, {} model", SMALL.name),
+        kiln: stall(asynchronous),
+        reference: Some(("synchronous save".into(), stall(sync))),
+        unit: "ms",
+        higher_is_better: false,
+        goal: "<= 0.1x",
+    });
+    Ok(())
+}
+
+fn generate_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
+    let new_tokens = 100;
+    let device = Device::flex();
+    let vocab = 84;
+    let shape = kiln::model::LlamaShape {
+        vocab_size: vocab,
+        hidden_size: SMALL.hidden,
+        num_layers: SMALL.layers,
+        num_heads: SMALL.heads,
+        num_kv_heads: SMALL.heads,
+        intermediate_size: SMALL.intermediate,
+        max_position_embeddings: 512,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+    };
+    let model = LlamaForCausalLM::init(&shape, 0.02, 0.0, 0, &device);
+    let prompt: Vec<u32> = (0..SMALL.seq_len as u32).map(|i| i % vocab as u32).collect();
+    let options = SamplingOptions { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, seed: 0, eos_token_id: None };
+    generate_ids(&model, &prompt, &SamplingOptions { max_new_tokens: 8, ..options.clone() }, &device)?;
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for _ in 0..reps {
+        let start = Instant::now();
+        let out = generate_ids(&model, &prompt, &options, &device)?;
+        ours.push(out.len() as f64 / start.elapsed().as_secs_f64());
+        let mut args = vec!["generate".to_string()];
+        args.extend(torch_shape_args(SMALL, vocab));
+        args.extend(["--new-tokens".into(), new_tokens.to_string()]);
+        theirs.push(python(&args)?["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
+        eprintln!("bench: generate: kiln {:.1} torch {:.1} tok/s", ours.last().unwrap(), theirs.last().unwrap());
+    }
+    rows.push(Row {
+        benchmark: format!("generate {} greedy, prompt {}, +{new_tokens} tokens (KV cache)", SMALL.name, SMALL.seq_len),
+        kiln: median(ours),
+        reference: Some(("transformers generate, 2 threads".into(), median(theirs))),
+        unit: "tok/s",
+        higher_is_better: true,
+        goal: ">= 1.0x",
+    });
+    Ok(())
+}
+
+fn gpu_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
+    let gpt2_small = Shape { name: "GPT-2-small-sized (124M)", hidden: 768, layers: 12, heads: 12, intermediate: 3072, batch: 8, seq_len: 512 };
+    for backend in [BackendKind::Wgpu, BackendKind::Cuda] {
+        if kiln::backend::device(backend).is_err() {
+            eprintln!("bench: gpu: {} not available in this build or on this machine; skipped", backend.name());
+            continue;
+        }
+        let values: Vec<f64> = (0..reps).map(|_| kiln_train(gpt2_small, backend, 3, 10).map(|r| r.0)).collect::<Result<_>>()?;
+        rows.push(Row {
+            benchmark: format!("train {} b{}x{} on {}", gpt2_small.name, gpt2_small.batch, gpt2_small.seq_len, backend.name()),
+            kiln: median(values),
+            reference: None,
+            unit: "tok/s",
+            higher_is_better: true,
+            goal: "PyTorch on the same GPU",
+        });
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| benchmark | kiln | reference | ratio | goal |");
+    println!("| --- | ---: | --- | ---: | --- |");
+    for r in rows {
+        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+        let (reference, ratio) = match &r.reference {
+            Some((name, v)) => {
+                let ratio = if r.higher_is_better { r.kiln / v } else { r.kiln / v };
+                (format!("{name}: {} {}", fmt(*v), r.unit), format!("{ratio:.2}x"))
+            }
+            None => ("-".to_string(), "-".to_string()),
+        };
+        println!("| {} | {} {} | {reference} | {ratio} | {} |", r.benchmark, fmt(r.kiln), r.unit, r.goal);
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let reps: usize = value("--reps").map(|v| v.parse()).transpose()?.unwrap_or(3);
+    let quick = flag("--quick");
+    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate,gpu".into());
+    let wants = |s: &str| only.split(',').any(|o| o == s);
+    // Both sides run on two threads, the machine size these figures are meant for.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: set before any thread is started.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "2") };
+    }
+    let mut rows = Vec::new();
+    if wants("train") {
+        train_section(&mut rows, reps, quick)?;
+    }
+    if wants("checkpoint") {
+        checkpoint_section(&mut rows, reps)?;
+    }
+    if wants("stall") {
+        stall_section(&mut rows, reps, quick)?;
+    }
+    if wants("generate") {
+        generate_section(&mut rows, reps)?;
+    }
+    if wants("gpu") {
+        gpu_section(&mut rows, reps)?;
+    }
+    print_table(&rows);
+    Ok(())
+}
