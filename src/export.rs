@@ -479,7 +479,7 @@ pub fn export_checkpoint(
             name,
             dtype: info.dtype,
             shape: info.shape.clone(),
-            bytes: Box::new(move || bytes),
+            bytes: Box::new(move || bytes.into()),
         });
     }
     let bundle_name = dir

@@ -177,25 +177,51 @@ impl burn::module::ModuleMapper for Loader<'_> {
     }
 }
 
-/// Row-major `[rows, cols]` to row-major `[cols, rows]`.
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`, in 32x32 tiles so that both sides
+/// stay in cache (a naive loop strides through memory on every store).
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = values[r * cols + c];
+                }
+            }
         }
     }
     out
 }
 
-/// Converts float tensor data to little-endian f32 bytes.
-pub fn tensor_f32_bytes<const D: usize>(tensor: Tensor<D>) -> Vec<u8> {
-    let values = tensor
-        .into_data()
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_matches_the_definition() {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (64, 64)] {
+            let v: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose(&v, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], v[r * cols + c]);
+                }
+            }
+            assert_eq!(super::transpose(&t, cols, rows), v);
+        }
+    }
+}
+
+/// A float tensor's values as little-endian f32 bytes, copied off the device once.
+pub fn tensor_f32_bytes<const D: usize>(tensor: Tensor<D>) -> crate::safetensors_io::TensorBytes {
+    let data = tensor.into_data();
+    if data.dtype() == burn::tensor::DType::F32 && cfg!(target_endian = "little") {
+        return crate::safetensors_io::TensorBytes::Data(data);
+    }
+    let values = data
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("converted to f32 above");
-    crate::safetensors_io::f32_bytes(&values)
+    crate::safetensors_io::f32_bytes(&values).into()
 }
 
 /// A write-pending tensor in Hugging Face layout from a device tensor in Burn layout. The

@@ -49,13 +49,35 @@ pub enum ReadError {
     },
 }
 
+/// A tensor's little-endian bytes: an owned buffer, or tensor data fetched from a device
+/// (written as it is, without another copy).
+pub enum TensorBytes {
+    Owned(Vec<u8>),
+    Data(burn::tensor::TensorData),
+}
+
+impl TensorBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            TensorBytes::Owned(v) => v,
+            TensorBytes::Data(d) => d.as_bytes(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for TensorBytes {
+    fn from(v: Vec<u8>) -> Self {
+        TensorBytes::Owned(v)
+    }
+}
+
 /// One tensor to write: its name, dtype, shape, and a function producing its little-endian
 /// bytes when the writer reaches it.
 pub struct PendingTensor {
     pub name: String,
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub bytes: Box<dyn FnOnce() -> Vec<u8> + Send>,
+    pub bytes: Box<dyn FnOnce() -> TensorBytes + Send>,
 }
 
 impl PendingTensor {
@@ -65,7 +87,7 @@ impl PendingTensor {
             name: name.into(),
             dtype: Dtype::F32,
             shape,
-            bytes: Box::new(move || f32_bytes(&values)),
+            bytes: Box::new(move || f32_bytes(&values).into()),
         }
     }
 
@@ -167,14 +189,15 @@ pub fn write_to(
         let expected = t.byte_len();
         let name = t.name;
         let bytes = (t.bytes)();
+        let bytes = bytes.as_slice();
         if bytes.len() != expected {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("tensor `{name}` produced {} bytes, expected {expected}", bytes.len()),
             ));
         }
-        out.write_all(&bytes)?;
-        hasher.update(&bytes);
+        out.write_all(bytes)?;
+        hasher.update(bytes);
         written += bytes.len() as u64;
     }
     out.flush()?;

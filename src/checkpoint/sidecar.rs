@@ -235,34 +235,47 @@ impl Sidecar {
 
     /// Like [`Sidecar::verify_files`], with the file of each recorded name given by `locate`
     /// (e.g. the backup copy of a checkpoint being replaced).
-    pub fn verify_files_at(&self, locate: impl Fn(&str) -> PathBuf) -> Result<(), CheckpointError> {
-        for entry in &self.files {
-            let path = locate(&entry.name);
-            if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
-                return Err(CheckpointError::File {
-                    path,
-                    problem: "the sidecar names a file outside the checkpoint directory".into(),
-                });
-            }
-            let found = digest_file(&path).map_err(|e| CheckpointError::File {
-                path: path.clone(),
-                problem: format!("cannot read: {e}"),
-            })?;
-            if found.bytes != entry.bytes {
-                return Err(CheckpointError::File {
-                    path,
-                    problem: format!(
-                        "is {} bytes but the sidecar recorded {} (truncated or replaced)",
-                        found.bytes, entry.bytes
-                    ),
-                });
-            }
-            if found.sha256 != entry.sha256 {
-                return Err(CheckpointError::File {
-                    path,
-                    problem: "SHA-256 does not match the sidecar (the file is corrupted)".into(),
-                });
-            }
+    pub fn verify_files_at(&self, locate: impl Fn(&str) -> PathBuf + Sync) -> Result<(), CheckpointError> {
+        // Hashing dominates loading; the files are independent, so hash them in parallel.
+        std::thread::scope(|scope| {
+            let checks: Vec<_> = self
+                .files
+                .iter()
+                .map(|entry| scope.spawn(|| Self::verify_entry(entry, locate(&entry.name))))
+                .collect();
+            checks
+                .into_iter()
+                .map(|c| c.join().expect("hashing threads do not panic"))
+                .collect::<Result<Vec<()>, _>>()
+                .map(|_| ())
+        })
+    }
+
+    fn verify_entry(entry: &FileEntry, path: PathBuf) -> Result<(), CheckpointError> {
+        if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
+            return Err(CheckpointError::File {
+                path,
+                problem: "the sidecar names a file outside the checkpoint directory".into(),
+            });
+        }
+        let found = digest_file(&path).map_err(|e| CheckpointError::File {
+            path: path.clone(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        if found.bytes != entry.bytes {
+            return Err(CheckpointError::File {
+                path,
+                problem: format!(
+                    "is {} bytes but the sidecar recorded {} (truncated or replaced)",
+                    found.bytes, entry.bytes
+                ),
+            });
+        }
+        if found.sha256 != entry.sha256 {
+            return Err(CheckpointError::File {
+                path,
+                problem: "SHA-256 does not match the sidecar (the file is corrupted)".into(),
+            });
         }
         Ok(())
     }
