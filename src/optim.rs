@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
@@ -53,9 +53,8 @@ impl AdamW {
             optim: self,
             grads: &mut grads,
             lr,
-            path: Vec::new(),
         };
-        module.map(&mut mapper)
+        crate::params::map_named(module, &mut mapper)
     }
 }
 
@@ -63,24 +62,14 @@ struct AdamWMapper<'a> {
     optim: &'a mut AdamW,
     grads: &'a mut GradientsParams,
     lr: f64,
-    path: Vec<String>,
 }
 
-impl ModuleMapper for AdamWMapper<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+impl crate::params::NamedMapper for AdamWMapper<'_> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(grad) = self.grads.remove::<D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        let name = self.path.join(".");
         let require_grad = tensor.is_require_grad();
         let shape = tensor.dims();
         let numel: usize = shape.iter().product();
@@ -89,7 +78,7 @@ impl ModuleMapper for AdamWMapper<'_> {
         let t = self.optim.step as i32;
         let theta = tensor.inner().reshape([numel]);
         let grad = grad.reshape([numel]);
-        let moments = self.optim.moments.remove(&name);
+        let moments = self.optim.moments.remove(name);
         let (exp_avg, exp_avg_sq) = match moments {
             Some(m) => (
                 m.exp_avg.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
@@ -118,7 +107,7 @@ impl ModuleMapper for AdamWMapper<'_> {
         let theta = (theta - update).reshape(shape);
 
         self.optim.moments.insert(
-            name,
+            name.to_string(),
             Moments {
                 shape: shape.to_vec(),
                 exp_avg,

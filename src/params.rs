@@ -15,6 +15,67 @@ pub fn is_linear_weight(name: &str, rank: usize) -> bool {
     rank == 2 && name != EMBEDDING
 }
 
+/// Visits float parameters by name (their module path, i.e. their Hugging Face name).
+pub trait NamedVisitor {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>);
+}
+
+/// Maps float parameters by name.
+pub trait NamedMapper {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>>;
+}
+
+/// Runs `visitor` over every float parameter of `module` with its name.
+pub fn visit_named<M: Module, V: NamedVisitor>(module: &M, visitor: &mut V) {
+    module.visit(&mut Paths {
+        path: Vec::new(),
+        inner: visitor,
+    });
+}
+
+/// Runs `mapper` over every float parameter of `module` with its name.
+pub fn map_named<M: Module, V: NamedMapper>(module: M, mapper: &mut V) -> M {
+    module.map(&mut Paths {
+        path: Vec::new(),
+        inner: mapper,
+    })
+}
+
+/// Tracks the module path around a named visitor or mapper.
+struct Paths<'a, V> {
+    path: Vec<String>,
+    inner: &'a mut V,
+}
+
+impl<V: NamedVisitor> ModuleVisitor for Paths<'_, V> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.inner.visit(&self.path.join("."), param);
+    }
+}
+
+impl<V: NamedMapper> burn::module::ModuleMapper for Paths<'_, V> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        self.inner.map(&name, param)
+    }
+}
+
 /// One parameter's values in Hugging Face layout (row-major f32).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedTensor {
@@ -26,7 +87,7 @@ pub struct NamedTensor {
 /// All parameters of `module`, in module order, copied to the host in Hugging Face layout.
 pub fn named_tensors<M: Module>(module: &M) -> Vec<NamedTensor> {
     let mut collector = Collector::default();
-    module.visit(&mut collector);
+    visit_named(module, &mut collector);
     collector.out
 }
 
@@ -41,28 +102,19 @@ pub fn named_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
         shapes_only: true,
         ..Default::default()
     };
-    module.visit(&mut collector);
+    visit_named(module, &mut collector);
     collector.out.into_iter().map(|t| (t.name, t.shape)).collect()
 }
 
 #[derive(Default)]
 struct Collector {
-    path: Vec<String>,
     shapes_only: bool,
     out: Vec<NamedTensor>,
 }
 
-impl ModuleVisitor for Collector {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let name = self.path.join(".");
+impl NamedVisitor for Collector {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>) {
+        let name = name.to_string();
         let tensor = param.val();
         let tensor: Tensor<D> = if is_linear_weight(&name, D) {
             tensor.swap_dims(0, 1)
@@ -104,11 +156,10 @@ impl<F: FnMut(&str, &[usize]) -> Result<Vec<f32>, String>> ParamSource for F {
 /// collected and reported together.
 pub fn load_named<M: Module>(module: M, source: &mut dyn ParamSource) -> Result<M, Vec<String>> {
     let mut loader = Loader {
-        path: Vec::new(),
         source,
         errors: Vec::new(),
     };
-    let module = module.map(&mut loader);
+    let module = map_named(module, &mut loader);
     if loader.errors.is_empty() {
         Ok(module)
     } else {
@@ -117,30 +168,20 @@ pub fn load_named<M: Module>(module: M, source: &mut dyn ParamSource) -> Result<
 }
 
 struct Loader<'a> {
-    path: Vec<String>,
     source: &'a mut dyn ParamSource,
     errors: Vec<String>,
 }
 
-impl burn::module::ModuleMapper for Loader<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
+impl NamedMapper for Loader<'_> {
+    fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
         let burn_shape = tensor.dims();
-        let transposed = is_linear_weight(&name, D);
+        let transposed = is_linear_weight(name, D);
         let mut hf_shape = burn_shape.to_vec();
         if transposed {
             hf_shape.swap(0, 1);
         }
-        let values = match self.source.values(&name, &hf_shape) {
+        let values = match self.source.values(name, &hf_shape) {
             Ok(v) if v.len() == hf_shape.iter().product::<usize>() => v,
             Ok(v) => {
                 self.errors.push(format!(
@@ -252,29 +293,16 @@ pub fn pending<const D: usize>(
 
 /// Write-pending copies of all parameters of `module`, named as in Hugging Face.
 pub fn pending_params<M: Module>(module: &M) -> Vec<crate::safetensors_io::PendingTensor> {
-    struct Pending {
-        path: Vec<String>,
-        out: Vec<crate::safetensors_io::PendingTensor>,
-    }
-    impl ModuleVisitor for Pending {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let name = self.path.join(".");
-            let transposed = is_linear_weight(&name, D);
-            self.out.push(pending(name, param.val(), transposed));
+    struct Pending(Vec<crate::safetensors_io::PendingTensor>);
+    impl NamedVisitor for Pending {
+        fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>) {
+            let transposed = is_linear_weight(name, D);
+            self.0.push(pending(name.to_string(), param.val(), transposed));
         }
     }
-    let mut v = Pending {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut v);
-    v.out
+    let mut v = Pending(Vec::new());
+    visit_named(module, &mut v);
+    v.0
 }
 
 /// The parameter names of a Llama model in Hugging Face state-dict order (the order
