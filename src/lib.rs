@@ -1,22 +1,27 @@
 //! kiln: train Llama-style language models with Burn, on CPU or GPU, with checkpoints you can
 //! trust and exports in Hugging Face's formats.
 //!
-//! One module per concern: `config` (the TOML run config), `tokenizer`, `data` (splits and batch
-//! order), `model` (the Llama network), `params` (parameters by Hugging Face name), `optim`
-//! (AdamW and clipping), `schedule` (learning rate), `train` (the `Learner` loop), `metrics`,
-//! `plot`, `backend` (device selection) and `cli`.
+//! One module per concern:
+//! - run set-up: `config` (the TOML run config), `backend` (device selection), `cli`;
+//! - data: `tokenizer`, `data` (splits and batch order);
+//! - the network: `model` (Llama), `params` (parameters by Hugging Face name);
+//! - training: `train` (the `Learner` loop), `optim` (AdamW and clipping), `schedule`
+//!   (learning rate), `ema`, `metrics`, `plot`;
+//! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),
+//!   `pretrained` (loading Hugging Face directories), `inspect`;
+//! - inference: `generate`, `evaluate`.
 
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
-pub mod evaluate;
 pub mod ema;
+pub mod evaluate;
 pub mod export;
 pub mod generate;
-pub mod metrics;
 pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
