@@ -153,6 +153,15 @@ impl Learner {
             Arc::new(LocalFs),
             config.checkpoint.async_save,
         )?;
+        // A fresh run must not mix its checkpoints (and top-K rotation) with an earlier run's.
+        if resume.is_none() && !checkpoint::list(checkpoints.dir())?.is_empty() {
+            bail!(
+                "{} already holds checkpoints of an earlier run; continue it with --resume {}, \
+                 or start a new run in another output_dir (--output-dir DIR)",
+                checkpoints.dir().display(),
+                checkpoints.dir().join("checkpoint_latest.safetensors").display()
+            );
+        }
         let resume = resume
             .map(|p| checkpoint::load(p).with_context(|| format!("cannot resume from {}", p.display())))
             .transpose()?;

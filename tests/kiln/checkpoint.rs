@@ -255,6 +255,18 @@ fn a_second_trainer_on_the_same_directory_is_refused() {
 }
 
 #[test]
+fn a_fresh_run_refuses_a_directory_with_another_runs_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = short_epoch_config(dir.path());
+    config.training.max_steps = 3;
+    Learner::new(config.clone()).unwrap().fit().unwrap();
+    let before = digests(&config.checkpoint_dir());
+    let err = format!("{:#}", Learner::new(config.clone()).err().expect("must refuse"));
+    assert!(err.contains("already holds checkpoints") && err.contains("--resume"), "{err}");
+    assert_eq!(digests(&config.checkpoint_dir()), before);
+}
+
+#[test]
 fn resuming_into_a_different_model_shape_names_the_difference() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = short_epoch_config(dir.path());

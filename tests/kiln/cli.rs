@@ -50,16 +50,18 @@ fn train_runs_end_to_end_with_overrides() {
 #[test]
 fn user_errors_exit_nonzero_with_one_clear_message() {
     let dir = tempfile::tempdir().unwrap();
+    // Every run writes into the temporary directory, never into the repository's outputs/.
+    let out = format!("output_dir = {:?}\n", dir.path().join("out"));
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["--config".into(), write_config(dir.path(), "[model]\nnum_heads = 5\n").display().to_string()],
+            vec!["--config".into(), write_config(dir.path(), &format!("{out}[model]\nnum_heads = 5\n")).display().to_string()],
             "model.num_heads",
         ),
         (vec!["--config".into(), dir.path().join("missing.toml").display().to_string()], "missing.toml"),
         (
             vec![
                 "--config".into(),
-                write_config(dir.path(), "[data]\npath = \"/nonexistent/corpus.txt\"\n").display().to_string(),
+                write_config(dir.path(), &format!("{out}[data]\npath = \"/nonexistent/corpus.txt\"\n")).display().to_string(),
             ],
             "data.path",
         ),
@@ -77,7 +79,7 @@ fn user_errors_exit_nonzero_with_one_clear_message() {
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
     // A backend name clap rejects, and one this build may lack, are errors too.
-    let config = write_config(dir.path(), "");
+    let config = write_config(dir.path(), &out);
     let output = kiln()
         .args(["train", "--backend", "tpu", "--config"])
         .arg(&config)

@@ -37,6 +37,7 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_latest() {
     let config = write_config(dir.path());
     let ck_dir = dir.path().join("out/checkpoints");
     let latest = ck_dir.join("checkpoint_latest.safetensors");
+    let latest_sidecar = ck_dir.join("checkpoint_latest.meta.json");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20261122);
     let mut last_step = 0;
     let mut kills = 0;
@@ -44,13 +45,13 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_latest() {
     while kills < 15 && Instant::now() < deadline {
         let mut cmd = kiln();
         cmd.args(["train", "--config"]).arg(&config);
-        if latest.exists() {
+        if latest_sidecar.exists() {
             cmd.arg("--resume").arg(&latest);
         }
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         // Wait for the first save of this run, then kill at a random moment after it.
         let started = Instant::now();
-        while !latest.exists() && started.elapsed() < Duration::from_secs(60) {
+        while !latest_sidecar.exists() && started.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(50..1500)));
