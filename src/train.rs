@@ -404,6 +404,8 @@ impl Learner {
             };
             let lr = self.schedule.lr(self.step);
             let (loss, grad_norm) = self.train_step(&batch)?;
+            // A background save that failed stops the run at the next step, not the next save.
+            self.checkpoints.poll()?;
             self.window.add(loss, grad_norm, batch.num_tokens());
             final_train_loss = Some(loss);
             bar.set_position(self.step as u64);

@@ -5,8 +5,8 @@
 //! - `sidecar`: the `<name>.meta.json` schema and checksum verification.
 //! - this module: sequencing. A save snapshots tensor handles on the training thread (cheap:
 //!   Burn tensors are immutable and reference-counted), then writes on a background thread while
-//!   training goes on; at most one save is in flight and its error surfaces at the next save or
-//!   at the end of the run.
+//!   training goes on; at most one save is in flight and its error surfaces at the next step
+//!   (`poll`), the next save, or the end of the run.
 //!
 //! A checkpoint's files are committed as a set: the tensor files and sidecar are written under
 //! temporary names, the previous complete set of the same name is hard-linked aside as
@@ -114,6 +114,15 @@ impl CheckpointManager {
         } else {
             let report = job.run()?;
             self.completed.push(report);
+        }
+        Ok(())
+    }
+
+    /// Reports the error of a save that has finished in the background, without waiting for
+    /// one still running (called after every training step, so a failed save is known at once).
+    pub fn poll(&mut self) -> Result<()> {
+        if self.in_flight.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait()?;
         }
         Ok(())
     }

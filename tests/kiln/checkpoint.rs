@@ -441,3 +441,31 @@ fn a_failing_save_at_any_operation_leaves_earlier_checkpoints_intact() {
     }
     assert!(reported * 4 >= total * 3, "only {reported} of {total} failures were reported");
 }
+
+#[test]
+fn a_background_save_failure_is_reported_by_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = short_epoch_config(dir.path());
+    config.training.max_steps = 2;
+    let mut learner = Learner::new(config).unwrap();
+    learner.fit().unwrap();
+    let fs = FailingFs::leaked();
+    let ck_dir = dir.path().join("async-ck");
+    let policy = learner.checkpoints.policy().clone();
+    let mut m = CheckpointManager::open(&ck_dir, policy, Arc::new(Failing(fs)), true).unwrap();
+    fs.arm(5);
+    m.save(vec![Kind::Latest], learner.snapshot()).unwrap(); // runs in the background
+    let started = std::time::Instant::now();
+    let err = loop {
+        match m.poll() {
+            Err(e) => break format!("{e:#}"),
+            Ok(()) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Ok(()) => panic!("the failed background save was never reported"),
+        }
+    };
+    assert!(err.contains("os error 28"), "{err}");
+    // Reported once; the manager is usable again.
+    m.poll().unwrap();
+}
