@@ -69,8 +69,3 @@ fn cuda_device() -> Result<Device> {
          (needs the CUDA toolkit)"
     )
 }
-
-/// Whether results on this backend are expected to be bit-for-bit reproducible.
-pub fn is_cpu(kind: BackendKind) -> bool {
-    matches!(kind, BackendKind::Flex | BackendKind::Ndarray)
-}

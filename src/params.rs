@@ -91,11 +91,6 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<NamedTensor> {
     collector.out
 }
 
-/// Module paths of all float parameters, in visiting order.
-pub fn param_names<M: Module>(module: &M) -> Vec<String> {
-    named_shapes(module).into_iter().map(|(n, _)| n).collect()
-}
-
 /// Names and Hugging Face shapes of all float parameters, without reading their values.
 pub fn named_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
     let mut collector = Collector {

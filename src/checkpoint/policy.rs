@@ -14,13 +14,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Min => "min",
-            Mode::Max => "max",
-        }
-    }
-
     /// True when `candidate` is strictly better than `incumbent`.
     pub fn improves(self, candidate: f64, incumbent: f64) -> bool {
         match self {

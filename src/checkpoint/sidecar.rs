@@ -280,10 +280,6 @@ impl Sidecar {
         Ok(())
     }
 
-    /// The entry for a role (`weights` or `optimizer`).
-    pub fn file(&self, role: &str) -> Option<&FileEntry> {
-        self.files.iter().find(|f| f.role == role)
-    }
 }
 
 impl FileEntry {
