@@ -402,14 +402,7 @@ pub fn recover(dir: &Path, storage: &dyn Storage) -> Result<()> {
 pub fn verify(paths: &CheckpointPaths) -> Result<Sidecar, CheckpointError> {
     let sidecar = Sidecar::read(&paths.sidecar)?;
     let dir = parent(&paths.sidecar);
-    sidecar.verify_files(dir)?;
-    for entry in &sidecar.files {
-        let path = dir.join(&entry.name);
-        SafetensorsFile::open(&path).map_err(|e| CheckpointError::File {
-            path,
-            problem: e.to_string(),
-        })?;
-    }
+    open_verified(&sidecar, |name| dir.join(name))?;
     Ok(sidecar)
 }
 
@@ -422,44 +415,67 @@ pub struct LoadedCheckpoint {
     pub optim: SafetensorsFile,
 }
 
+/// Verifies the tensor files `sidecar` records (each located by `locate`) and opens its
+/// weights and optimizer files: exactly the files whose checksums were checked, each hashed
+/// and parsed once.
+fn open_verified(
+    sidecar: &Sidecar,
+    locate: impl Fn(&str) -> PathBuf + Sync,
+) -> Result<(SafetensorsFile, SafetensorsFile), CheckpointError> {
+    sidecar.verify_files_at(&locate)?;
+    let open = |role: &str| {
+        let entry = sidecar.files.iter().find(|f| f.role == role).ok_or_else(|| {
+            CheckpointError::Sidecar {
+                path: PathBuf::from(&sidecar.name),
+                reason: format!("no `{role}` file is recorded"),
+            }
+        })?;
+        let path = locate(&entry.name);
+        SafetensorsFile::open(&path).map_err(|e| CheckpointError::File {
+            path,
+            problem: e.to_string(),
+        })
+    };
+    Ok((open("weights")?, open("optimizer")?))
+}
+
 /// Loads the checkpoint `path` names (any of its files), verifying checksums and headers. If a
 /// replacement of it was interrupted and its backup is complete, the backup is used.
 pub fn load(path: &Path) -> Result<LoadedCheckpoint> {
     let paths = CheckpointPaths::from_any(path);
-    let (paths, sidecar) = match verify(&paths) {
-        Ok(sidecar) => (paths, sidecar),
+    let dir = parent(&paths.sidecar).to_path_buf();
+    let current = Sidecar::read(&paths.sidecar)
+        .and_then(|s| open_verified(&s, |name| dir.join(name)).map(|files| (s, files)));
+    let (paths, sidecar, (weights, optim)) = match current {
+        Ok((sidecar, files)) => (paths, sidecar, files),
         Err(err) => {
+            // A backup's sidecar records the regular file names; its files are the copies.
             let backup = CheckpointPaths {
                 weights: prev_path(&paths.weights),
                 optim: prev_path(&paths.optim),
                 sidecar: prev_path(&paths.sidecar),
             };
-            match Sidecar::read(&backup.sidecar) {
-                Ok(sidecar) if verify_backup(&backup, &sidecar).is_ok() => {
+            let restored = Sidecar::read(&backup.sidecar).and_then(|s| {
+                open_verified(&s, |name| prev_path(&dir.join(name))).map(|files| (s, files))
+            });
+            match restored {
+                Ok((sidecar, files)) => {
                     tracing::warn!(
                         "{}: {err}; using the complete previous version kept while it was being replaced",
                         paths.sidecar.display()
                     );
-                    (backup, sidecar)
+                    (backup, sidecar, files)
                 }
-                _ => return Err(err.into()),
+                Err(_) => return Err(err.into()),
             }
         }
     };
-    let weights = SafetensorsFile::open(&paths.weights)?;
-    let optim = SafetensorsFile::open(&paths.optim)?;
     Ok(LoadedCheckpoint {
         paths,
         sidecar,
         weights,
         optim,
     })
-}
-
-/// A backup's sidecar records the regular file names; check the backup copies instead.
-fn verify_backup(backup: &CheckpointPaths, sidecar: &Sidecar) -> Result<(), CheckpointError> {
-    let dir = parent(&backup.sidecar);
-    sidecar.verify_files_at(|name| prev_path(&dir.join(name)))
 }
 
 /// One checkpoint found in a directory.
