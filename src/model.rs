@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::ModelConfig;
+use crate::fused;
 
 /// Everything that fixes the model's shape: the `[model]` config plus the vocabulary size,
 /// which comes from the tokenizer.
@@ -75,6 +76,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if fused::available(&x.device(), x.dtype()) {
+            return fused::rms_norm(x, self.weight.val(), self.eps);
+        }
         let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
         (x / rms) * self.weight.val().unsqueeze()
     }
@@ -146,7 +150,7 @@ impl DropoutMasks {
 
     /// `x` with each element zeroed with probability `rate` and the rest scaled by
     /// `1 / (1 - rate)`.
-    fn apply(&mut self, x: Tensor<3>) -> Tensor<3> {
+    fn apply(&mut self, x: Tensor<2>) -> Tensor<2> {
         if self.rate <= 0.0 {
             return x;
         }
@@ -158,7 +162,7 @@ impl DropoutMasks {
             .map(|_| if self.rng.random::<f64>() < keep { scale } else { 0.0 })
             .collect();
         let device = x.device().without_autodiff();
-        x * Tensor::<3>::from_data(TensorData::new(mask, dims), &device)
+        x * Tensor::<2>::from_data(TensorData::new(mask, dims), &device)
     }
 }
 
@@ -227,42 +231,56 @@ impl RotaryTables {
 
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) as positions `start..start + seq`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let (cos, sin) = self.slice(start, x.dims()[2], &x.device());
-        apply_rotary(x, &cos, &sin)
+        self.slice(start, x.dims()[2], &x.device()).apply(x.swap_dims(1, 2))
     }
 
-    /// cos and sin for positions `start..start + len`, shaped `[1, 1, len, head_dim]`.
-    fn slice(&self, start: usize, len: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    /// The tables for positions `start..start + len`.
+    fn slice(&self, start: usize, len: usize, device: &Device) -> Rotary {
         let range = start * self.head_dim..(start + len) * self.head_dim;
-        let shape = [1, 1, len, self.head_dim];
+        let shape = [len, self.head_dim];
         let make = |v: &[f32]| Tensor::from_data(TensorData::new(v[range.clone()].to_vec(), shape), device);
-        (make(&self.cos), make(&self.sin))
+        Rotary {
+            cos: make(&self.cos),
+            sin: make(&self.sin),
+        }
     }
 }
 
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
-fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let [b, h, s, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
+/// cos and sin tables `[positions, head_dim]` for the positions of one forward pass.
+struct Rotary {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl Rotary {
+    /// Rotates `x` laid out `[batch, seq, heads, head_dim]` and returns it as
+    /// `[batch, heads, seq, head_dim]`: `x * cos + rotate_half(x) * sin`, with
+    /// `rotate_half(x) = cat(-x2, x1)`.
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        if fused::available(&x.device(), x.dtype()) {
+            return fused::rotary(x, self.cos.clone(), self.sin.clone()).swap_dims(1, 2);
+        }
+        let x = x.swap_dims(1, 2);
+        let [b, h, s, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let table = |t: &Tensor<2>| t.clone().unsqueeze::<4>();
+        x * table(&self.cos) + rotated * table(&self.sin)
+    }
 }
 
 impl LlamaAttention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        cache: Option<&mut LayerCache>,
-    ) -> Tensor<3> {
-        let [b, s, hidden] = x.dims();
+    /// `x` is the residual stream of `batch` sequences, flattened to `[batch * seq, hidden]`.
+    fn forward(&self, x: Tensor<2>, batch: usize, rotary: &Rotary, cache: Option<&mut LayerCache>) -> Tensor<2> {
+        let [tokens, hidden] = x.dims();
+        let (b, s) = (batch, tokens / batch);
         let head_dim = hidden / self.num_heads;
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, head_dim]).swap_dims(1, 2);
-        let q = apply_rotary(heads(self.q_proj.forward(x.clone()), self.num_heads), cos, sin);
-        let mut k = apply_rotary(heads(self.k_proj.forward(x.clone()), self.num_kv_heads), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let fused = fused::available(&x.device(), x.dtype());
+        let heads = |t: Tensor<2>, n: usize| t.reshape([b, s, n, head_dim]);
+        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let mut k = rotary.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
 
         let past = match cache {
             Some(cache) => {
@@ -279,6 +297,11 @@ impl LlamaAttention {
 
         let k = repeat_kv(k, self.num_heads / self.num_kv_heads);
         let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
+        if fused {
+            let scores = q.matmul(k.swap_dims(2, 3));
+            let out = fused::causal_softmax(scores, (head_dim as f64).powf(-0.5)).matmul(v);
+            return self.o_proj.forward(out.swap_dims(1, 2).reshape([tokens, hidden]));
+        }
         // A query block that starts after cached positions needs the causal mask shifted by
         // `past` (bottom-right aligned); a single new token sees everything cached.
         let (mask, is_causal) = match (past, s) {
@@ -292,8 +315,7 @@ impl LlamaAttention {
             is_causal,
         };
         let out = attention(q, k, v, mask, None, options);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, hidden]))
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([tokens, hidden]))
     }
 }
 
@@ -319,9 +341,15 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 }
 
 impl LlamaMlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        let hidden = if fused::available(&gate.device(), gate.dtype()) {
+            fused::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        self.down_proj.forward(hidden)
     }
 }
 
@@ -408,35 +436,35 @@ impl LlamaForCausalLM {
         mut cache: Option<&mut KvCache>,
         mut dropout: Option<&mut DropoutMasks>,
     ) -> Tensor<3> {
-        let mut drop = |x: Tensor<3>| match dropout.as_deref_mut() {
+        let mut drop = |x: Tensor<2>| match dropout.as_deref_mut() {
             Some(masks) => masks.apply(x),
             None => x,
         };
-        let [_, s] = tokens.dims();
+        let [b, s] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let device = tokens.device();
-        let (cos, sin) = self.rope.slice(start, s, &device);
-        let mut x = drop(self.model.embed_tokens.forward(tokens));
+        let rotary = self.rope.slice(start, s, &device);
+        // The residual stream is kept as `[batch * seq, hidden]`: every projection is then one
+        // 2-D matmul, and its weight gradient one matmul over all tokens instead of a batch of
+        // per-sequence products summed afterwards.
+        let hidden = self.model.embed_tokens.weight.dims()[1];
+        let mut x = drop(self.model.embed_tokens.forward(tokens).reshape([b * s, hidden]));
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let attn = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                &cos,
-                &sin,
-                layer_cache,
-            );
+            let attn = layer
+                .self_attn
+                .forward(layer.input_layernorm.forward(x.clone()), b, &rotary, layer_cache);
             x = x + drop(attn);
             let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
             x = x + drop(mlp);
         }
         let x = self.model.norm.forward(x);
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(x),
-            None => {
-                let weight = self.model.embed_tokens.weight.val().transpose();
-                x.matmul(weight.unsqueeze())
-            }
-        }
+            None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
+        };
+        let vocab = logits.dims()[1];
+        logits.reshape([b, s, vocab])
     }
 
     /// Mean next-token cross-entropy (nats/token) of `targets` under `forward(inputs)`.
