@@ -4,7 +4,8 @@
 //! One module per concern:
 //! - run set-up: `config` (the TOML run config), `backend` (device selection), `cli`;
 //! - data: `tokenizer`, `data` (splits and batch order);
-//! - the network: `model` (Llama), `params` (parameters by Hugging Face name);
+//! - the network: `model` (Llama), `params` (parameters by Hugging Face name), `fused`
+//!   (fused CPU kernels with hand-written backward passes, used on Flex);
 //! - training: `train` (the `Learner` loop), `optim` (AdamW and clipping), `schedule`
 //!   (learning rate), `ema`, `metrics`, `plot`;
 //! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),
@@ -19,6 +20,7 @@ pub mod data;
 pub mod ema;
 pub mod evaluate;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod inspect;
 pub mod metrics;

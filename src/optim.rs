@@ -11,6 +11,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
+use crate::fused::{self, kernels::AdamWStep};
+
 /// Hyperparameters; `lr` is passed to each step by the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
@@ -79,32 +81,26 @@ impl crate::params::NamedMapper for AdamWMapper<'_> {
         let theta = tensor.inner().reshape([numel]);
         let grad = grad.reshape([numel]);
         let moments = self.optim.moments.remove(name);
-        let (exp_avg, exp_avg_sq) = match moments {
-            Some(m) => (
-                m.exp_avg.mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1),
-                m.exp_avg_sq.mul_scalar(c.beta2) + grad.square().mul_scalar(1.0 - c.beta2),
-            ),
-            None => (
-                grad.clone().mul_scalar(1.0 - c.beta1),
-                grad.square().mul_scalar(1.0 - c.beta2),
-            ),
-        };
         // PyTorch: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let decay = if D >= 2 { c.weight_decay } else { 0.0 };
-        let theta = if decay > 0.0 {
-            theta.mul_scalar(1.0 - self.lr * decay)
-        } else {
-            theta
+        let step = AdamWStep {
+            lr: self.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: if D >= 2 { c.weight_decay } else { 0.0 },
+            bias_correction1: 1.0 - c.beta1.powi(t),
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt(),
         };
-        let denom = exp_avg_sq
-            .clone()
-            .sqrt()
-            .div_scalar(bias_correction2_sqrt)
-            .add_scalar(c.eps);
-        let update = exp_avg.clone().div(denom).mul_scalar(self.lr / bias_correction1);
-        let theta = (theta - update).reshape(shape);
+        let (theta, exp_avg, exp_avg_sq) = if fused::available(&theta.device(), theta.dtype()) {
+            let (exp_avg, exp_avg_sq) = match moments {
+                Some(m) => (m.exp_avg, m.exp_avg_sq),
+                None => (grad.zeros_like(), grad.zeros_like()),
+            };
+            fused::adamw(theta, grad, exp_avg, exp_avg_sq, step)
+        } else {
+            composed_adamw(theta, grad, moments, step)
+        };
+        let theta = theta.reshape(shape);
 
         self.optim.moments.insert(
             name.to_string(),
@@ -120,6 +116,33 @@ impl crate::params::NamedMapper for AdamWMapper<'_> {
         }
         Param::from_mapped_value(id, theta, mapper)
     }
+}
+
+/// AdamW from Burn tensor ops, for backends without the fused kernel; returns the new
+/// `(param, exp_avg, exp_avg_sq)`.
+fn composed_adamw(theta: Tensor<1>, grad: Tensor<1>, moments: Option<Moments>, step: AdamWStep) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (exp_avg, exp_avg_sq) = match moments {
+        Some(m) => (
+            m.exp_avg.mul_scalar(step.beta1) + grad.clone().mul_scalar(1.0 - step.beta1),
+            m.exp_avg_sq.mul_scalar(step.beta2) + grad.square().mul_scalar(1.0 - step.beta2),
+        ),
+        None => (
+            grad.clone().mul_scalar(1.0 - step.beta1),
+            grad.square().mul_scalar(1.0 - step.beta2),
+        ),
+    };
+    let theta = if step.weight_decay > 0.0 {
+        theta.mul_scalar(1.0 - step.lr * step.weight_decay)
+    } else {
+        theta
+    };
+    let denom = exp_avg_sq
+        .clone()
+        .sqrt()
+        .div_scalar(step.bias_correction2_sqrt)
+        .add_scalar(step.eps);
+    let update = exp_avg.clone().div(denom).mul_scalar(step.lr / step.bias_correction1);
+    (theta - update, exp_avg, exp_avg_sq)
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's

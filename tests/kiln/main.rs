@@ -5,6 +5,7 @@ mod common;
 mod cli;
 mod config;
 mod model;
+mod fused;
 mod optim;
 mod schedule;
 mod tokenizer;

@@ -55,9 +55,16 @@ impl Reference {
     }
 }
 
+/// Flex runs the fused AdamW kernel, ndarray the composed tensor ops: both against PyTorch.
 #[test]
+#[allow(deprecated)]
 fn adamw_matches_pytorch_semantics_and_keys_state_by_name() {
-    let device = Device::flex().autodiff();
+    adamw_against_reference(&Device::flex().autodiff());
+    adamw_against_reference(&Device::ndarray().autodiff());
+}
+
+fn adamw_against_reference(device: &Device) {
+    let device = device.clone();
     let config = AdamWConfig {
         beta1: 0.9,
         beta2: 0.95,

@@ -1,0 +1,129 @@
+//! Hand-written backward passes of the fused ops on `Autodiff<Flex>`: each op is one node in
+//! the autodiff graph instead of the chain of element-wise nodes it replaces.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Flex};
+
+use super::{FusedOps, flex, kernels};
+
+/// Hands each gradient to its parent, skipping parents that do not require one. (A macro
+/// because burn-autodiff does not export the parent node type.)
+macro_rules! register {
+    ($grads:expr, $parents:expr, [$($value:expr),+]) => {{
+        let values: Vec<FlexTensor> = vec![$($value),+];
+        for (parent, value) in $parents.into_iter().zip(values) {
+            if let Some(parent) = parent {
+                $grads.register::<Flex>(parent.id, value);
+            }
+        }
+    }};
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    /// Input, weight and each row's inverse RMS.
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight, inv_rms) = ops.state;
+        let gy = grads.consume::<Flex>(&ops.node);
+        let (gx, gw) = flex::rms_norm_backward(&gy, &x, &weight, &inv_rms);
+        register!(grads, ops.parents, [gx, gw]);
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// Gate and up projections.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let gh = grads.consume::<Flex>(&ops.node);
+        let (d_gate, d_up) = flex::swiglu_backward(&gh, &gate, &up);
+        register!(grads, ops.parents, [d_gate, d_up]);
+    }
+}
+
+#[derive(Debug)]
+struct CausalSoftmaxBackward;
+
+impl Backward<Flex, 1> for CausalSoftmaxBackward {
+    /// The probabilities (the op's output) and the score scale.
+    type State = (FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, scale) = ops.state;
+        let gp = grads.consume::<Flex>(&ops.node);
+        register!(grads, ops.parents, [flex::causal_softmax_backward(&gp, &probs, scale)]);
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl Backward<Flex, 1> for RotaryBackward {
+    /// The cos and sin tables.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        let gy = grads.consume::<Flex>(&ops.node);
+        register!(grads, ops.parents, [flex::rotary(&gy, &cos, &sin, true)]);
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let (y, inv_rms) = flex::rms_norm_forward(x.primitive(), weight.primitive(), eps);
+        match RmsNormBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive(), inv_rms), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = Flex::swiglu(gate.primitive().clone(), up.primitive().clone());
+        match SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((gate.into_primitive(), up.into_primitive()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let probs = Flex::causal_softmax(scores.primitive().clone(), scale);
+        match CausalSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
+            OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        step: kernels::AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // An optimizer step is outside the graph: run it on the inner tensors.
+        let (p, m, v) = Flex::adamw(Self::inner(param), Self::inner(grad), Self::inner(exp_avg), Self::inner(exp_avg_sq), step);
+        (Self::from_inner(p), Self::from_inner(m), Self::from_inner(v))
+    }
+
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = flex::rotary(x.primitive(), cos.primitive(), sin.primitive(), false);
+        match RotaryBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((cos.into_primitive(), sin.into_primitive()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}

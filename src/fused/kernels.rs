@@ -1,0 +1,232 @@
+//! The fused kernels themselves, on plain `f32` slices in row-major order.
+//!
+//! Work is split into fixed blocks of rows (never "one block per thread"), and every sum runs
+//! in a fixed order inside its block, so results are bit-identical whatever the thread count:
+//! resumed and repeated runs stay bit-exact.
+
+use rayon::prelude::*;
+
+/// Rows handed to one task: enough work to amortise scheduling, small enough to balance.
+fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).clamp(1, 256)
+}
+
+/// `exp(x)` that the compiler can vectorise: `2^n * p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
+/// and a degree-6 Taylor polynomial (relative error below 2e-7, about one float ulp).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a call to
+    // `roundf`, which x86-64's baseline instruction set cannot inline.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 split in two so that n * LN2_HI is exact.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// RMSNorm over rows of `weight.len()`: `y = x / sqrt(mean(x^2) + eps) * weight`; also returns
+/// each row's `1 / sqrt(mean(x^2) + eps)` for the backward pass.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
+    let h = weight.len();
+    let block = rows_per_task(h);
+    y.par_chunks_mut(block * h)
+        .zip(inv_rms.par_chunks_mut(block))
+        .zip(x.par_chunks(block * h))
+        .for_each(|((y, inv_rms), x)| {
+            for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms.iter_mut()) {
+                let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                *r = 1.0 / (mean_sq + eps).sqrt();
+                for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                    *y = x * *r * w;
+                }
+            }
+        });
+}
+
+/// Gradients of [`rms_norm`] with respect to `x` and `weight`, given the output gradient `gy`.
+///
+/// With `r = inv_rms`: `gx = r * (gy*w - x * r^2 * mean(gy*w*x))`, `gw = sum over rows of gy*x*r`.
+pub fn rms_norm_backward(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut [f32]) -> Vec<f32> {
+    let h = weight.len();
+    let block = rows_per_task(h);
+    let partial_gw: Vec<Vec<f32>> = gx
+        .par_chunks_mut(block * h)
+        .zip(gy.par_chunks(block * h))
+        .zip(x.par_chunks(block * h))
+        .zip(inv_rms.par_chunks(block))
+        .map(|(((gx, gy), x), inv_rms)| {
+            let mut gw = vec![0.0f32; h];
+            for (((gx, gy), x), &r) in gx.chunks_exact_mut(h).zip(gy.chunks_exact(h)).zip(x.chunks_exact(h)).zip(inv_rms) {
+                let dot = gy.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x).sum::<f32>() / h as f32;
+                let c = r * r * dot;
+                for ((((gx, g), w), x), gw) in gx.iter_mut().zip(gy).zip(weight).zip(x).zip(gw.iter_mut()) {
+                    *gx = r * (g * w - x * c);
+                    *gw += g * x * r;
+                }
+            }
+            gw
+        })
+        .collect();
+    sum_in_order(partial_gw, h)
+}
+
+/// Sums equal-length vectors in their given order (a fixed order keeps results deterministic).
+fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut total = vec![0.0f32; len];
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+    total
+}
+
+/// SwiGLU's gate: `silu(gate) * up`, with `silu(g) = g * sigmoid(g)`.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 16_384;
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((out, gate), up)| {
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+}
+
+/// Gradients of [`swiglu`]: `d gate = gh * up * s * (1 + g (1 - s))`, `d up = gh * g * s`.
+pub fn swiglu_backward(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    const CHUNK: usize = 16_384;
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .zip(gh.par_chunks(CHUNK))
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(((d_gate, d_up), gh), (gate, up))| {
+            for ((((dg, du), &gh), &g), &u) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gh).zip(gate).zip(up) {
+                let s = sigmoid(g);
+                *du = gh * g * s;
+                *dg = gh * u * s * (1.0 + g * (1.0 - s));
+            }
+        });
+}
+
+/// Softmax of `scale * scores` along the last dimension with a causal mask: query `i` of each
+/// `[queries, keys]` matrix sees keys `0..=i + (keys - queries)` (bottom-right aligned, as after
+/// cached positions); masked probabilities are exactly 0.
+pub fn causal_softmax(scores: &[f32], queries: usize, keys: usize, scale: f32, out: &mut [f32]) {
+    let past = keys - queries;
+    let block = rows_per_task(keys);
+    out.par_chunks_mut(block * keys)
+        .zip(scores.par_chunks(block * keys))
+        .enumerate()
+        .for_each(|(task, (out, scores))| {
+            for (row, (out, scores)) in out.chunks_exact_mut(keys).zip(scores.chunks_exact(keys)).enumerate() {
+                let query = (task * block + row) % queries;
+                let visible = query + past + 1;
+                let max = scores[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
+                let mut sum = 0.0f32;
+                for (o, &s) in out[..visible].iter_mut().zip(&scores[..visible]) {
+                    *o = exp(s * scale - max);
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out[..visible].iter_mut().for_each(|o| *o *= inv);
+                out[visible..].fill(0.0);
+            }
+        });
+}
+
+/// Gradient of [`causal_softmax`] with respect to the scores, from its output `probs` and the
+/// output gradient `gp`: `scale * p * (gp - sum(gp * p))` per row.
+pub fn causal_softmax_backward(gp: &[f32], probs: &[f32], queries: usize, keys: usize, scale: f32, gs: &mut [f32]) {
+    let past = keys - queries;
+    let block = rows_per_task(keys);
+    gs.par_chunks_mut(block * keys)
+        .zip(gp.par_chunks(block * keys).zip(probs.par_chunks(block * keys)))
+        .enumerate()
+        .for_each(|(task, (gs, (gp, probs)))| {
+            let rows = gs.chunks_exact_mut(keys).zip(gp.chunks_exact(keys)).zip(probs.chunks_exact(keys));
+            for (row, ((gs, gp), p)) in rows.enumerate() {
+                let visible = (task * block + row) % queries + past + 1;
+                let dot = gp[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
+                for ((gs, &g), &p) in gs[..visible].iter_mut().zip(&gp[..visible]).zip(&p[..visible]) {
+                    *gs = scale * p * (g - dot);
+                }
+                gs[visible..].fill(0.0);
+            }
+        });
+}
+
+/// Rotary embedding in Hugging Face's rotate-half convention on `x` laid out
+/// `[batch, positions, heads, head_dim]`, with `cos`/`sin` tables `[positions, head_dim]`:
+/// `y = x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`.
+///
+/// `inverse` applies the transposed rotation (`sin` negated), which is the backward pass; that
+/// holds because both halves of each table row are equal (`emb = cat(freqs, freqs)`).
+pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize, inverse: bool, out: &mut [f32]) {
+    let half = head_dim / 2;
+    let sign = if inverse { -1.0f32 } else { 1.0 };
+    let positions = cos.len() / head_dim;
+    let block = rows_per_task(head_dim);
+    out.par_chunks_mut(block * head_dim)
+        .zip(x.par_chunks(block * head_dim))
+        .enumerate()
+        .for_each(|(task, (out, x))| {
+            for (row, (y, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
+                let pos = ((task * block + row) / heads) % positions;
+                let cos = &cos[pos * head_dim..(pos + 1) * head_dim];
+                let sin = &sin[pos * head_dim..(pos + 1) * head_dim];
+                let (x1, x2) = x.split_at(half);
+                let (y1, y2) = y.split_at_mut(half);
+                for i in 0..half {
+                    y1[i] = x1[i] * cos[i] - sign * x2[i] * sin[i];
+                    y2[i] = x2[i] * cos[half + i] + sign * x1[i] * sin[half + i];
+                }
+            }
+        });
+}
+
+/// One AdamW step (PyTorch semantics) in place on a parameter and its moments:
+/// `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`, `p *= 1 - lr wd`,
+/// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
+pub fn adamw(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], h: &AdamWStep) {
+    const CHUNK: usize = 16_384;
+    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+    let decay = (1.0 - h.lr * h.weight_decay) as f32;
+    let step_size = (h.lr / h.bias_correction1) as f32;
+    let inv_bc2_sqrt = (1.0 / h.bias_correction2_sqrt) as f32;
+    let eps = h.eps as f32;
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(grad.par_chunks(CHUNK))
+        .zip(exp_avg.par_chunks_mut(CHUNK).zip(exp_avg_sq.par_chunks_mut(CHUNK)))
+        .for_each(|((p, g), (m, v))| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p = *p * decay - step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
+            }
+        });
+}
+
+/// The scalars of one AdamW step; `weight_decay` is 0 for parameters that are not decayed.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub bias_correction1: f64,
+    pub bias_correction2_sqrt: f64,
+}

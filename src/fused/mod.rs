@@ -1,0 +1,106 @@
+//! Fused CPU kernels for the parts of a Llama step that Burn runs as chains of small
+//! element-wise ops: RMSNorm, the SwiGLU gate, the causal softmax of attention and the rotary
+//! embedding.
+//!
+//! Why: on Flex, Burn's default CPU backend, every element-wise op is its own pass over memory
+//! with its own allocation and its own autodiff node, and those passes run on one thread. A
+//! Llama layer spends ~20 of them forward and more backward on work that is one pass here,
+//! split across threads, with the backward pass written by hand (docs/BENCHMARKS.md has the
+//! figures). They are a Burn backend extension: `Flex` runs the kernels, `Autodiff<Flex>`
+//! records one graph node per op with its own backward.
+//!
+//! Only Flex devices use them ([`available`]); ndarray, wgpu and cuda run the composed tensor
+//! ops in model.rs, which are also the reference the tests hold these kernels to.
+
+mod autodiff;
+mod flex;
+pub mod kernels;
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, DispatchDevice, backend_extension};
+use burn::tensor::{DType, Device, Tensor};
+
+/// The fused ops, implemented for `Flex` and `Autodiff<Flex>`.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// `x / sqrt(mean(x^2, last dim) + eps) * weight`.
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+    /// `silu(gate) * up`.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Softmax of `scale * scores` over the last dimension with a bottom-right aligned causal
+    /// mask (`[.., queries, keys]`, query `i` sees keys `..= i + keys - queries`).
+    fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    /// Rotary embedding (rotate-half) of `x` `[batch, positions, heads, head_dim]` with tables
+    /// `[positions, head_dim]`; the tables are constants (no gradient).
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// One AdamW step: the updated parameter and moments (updated in place when no other
+    /// tensor shares their buffers). Not differentiable; the inputs are plain values.
+    fn adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        exp_avg: FloatTensor<Self>,
+        exp_avg_sq: FloatTensor<Self>,
+        step: kernels::AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// On unless `KILN_FUSED=0` (or `off`/`false`) is set, an escape hatch that also lets the
+/// benchmark measure what the kernels gain.
+static ENABLED: LazyLock<AtomicBool> = LazyLock::new(|| {
+    let off = matches!(std::env::var("KILN_FUSED").as_deref(), Ok("0" | "off" | "false"));
+    AtomicBool::new(!off)
+});
+
+/// Turns the fused kernels on or off for the whole process (the benchmark's A/B switch).
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether tensors of this dtype on `device` run the fused kernels (f32 on Flex, unless
+/// switched off).
+pub fn available(device: &Device, dtype: DType) -> bool {
+    dtype == DType::F32
+        && ENABLED.load(Ordering::Relaxed)
+        && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps))
+}
+
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch()))
+}
+
+pub fn causal_softmax<const D: usize>(scores: Tensor<D>, scale: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_softmax(scores.into_dispatch(), scale))
+}
+
+pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::rotary(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+    ))
+}
+
+/// One AdamW step on tensors of the same shape; returns `(param, exp_avg, exp_avg_sq)`.
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    exp_avg: Tensor<D>,
+    exp_avg_sq: Tensor<D>,
+    step: kernels::AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, m, v) = <burn::backend::Dispatch as FusedOps>::adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        exp_avg.into_dispatch(),
+        exp_avg_sq.into_dispatch(),
+        step,
+    );
+    (Tensor::from_dispatch(p), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
+}

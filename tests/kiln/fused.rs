@@ -1,0 +1,218 @@
+//! The fused Flex kernels against the composed tensor ops they replace, run on ndarray (which
+//! never uses them): forward values and the gradients of every input, plus determinism under
+//! different thread counts.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+use kiln::fused::{self, kernels};
+use burn::module::Param;
+use burn::tensor::Gradients;
+use kiln::model::{LlamaForCausalLM, LlamaShape};
+use kiln::params::NamedVisitor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+#[allow(deprecated)]
+fn ndarray() -> Device {
+    Device::ndarray().autodiff()
+}
+
+fn flex() -> Device {
+    Device::flex().autodiff()
+}
+
+/// Largest `|a - b| / (1 + |b|)` over all elements.
+fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0f32, f32::max);
+    assert!(worst <= tol, "{what}: largest relative difference {worst:e} > {tol:e}");
+}
+
+/// Runs `op` on Flex (fused) and ndarray (composed) with the same inputs, each made
+/// differentiable, and compares the outputs and every input's gradient under the loss
+/// `sum(output * weights)` with random `weights`.
+fn check<const D: usize, const N: usize>(
+    what: &str,
+    inputs: [(Vec<f32>, Vec<usize>); N],
+    op: impl Fn([Tensor<D>; N], &Device) -> Tensor<D>,
+) {
+    let run = |device: &Device| {
+        let tensors: [Tensor<D>; N] = inputs.clone().map(|(v, s)| {
+            let dims: [usize; D] = std::array::from_fn(|i| s.get(i).copied().unwrap_or(1));
+            let t = Tensor::<D>::from_data(TensorData::new(v, dims), device);
+            t.require_grad()
+        });
+        let out = op(tensors.clone(), device);
+        let n: usize = out.dims().iter().product();
+        let weights = Tensor::<D>::from_data(TensorData::new(random(n, 99, 1.0), out.dims()), device);
+        let grads = (out.clone() * weights).sum().backward();
+        let input_grads: Vec<Vec<f32>> = tensors.iter().map(|t| values(t.grad(&grads).expect("a gradient"))).collect();
+        (values(out.inner()), input_grads)
+    };
+    let (fused_out, fused_grads) = run(&flex());
+    let (reference_out, reference_grads) = run(&ndarray());
+    assert_close(&format!("{what} forward"), &fused_out, &reference_out, 2e-6);
+    for (i, (f, r)) in fused_grads.iter().zip(&reference_grads).enumerate() {
+        assert_close(&format!("{what} gradient of input {i}"), f, r, 1e-5);
+    }
+}
+
+#[test]
+fn exp_matches_f64_to_an_ulp() {
+    for i in -8700..=8800 {
+        let x = i as f32 / 100.0;
+        let want = (x as f64).exp();
+        let got = kernels::exp(x) as f64;
+        assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_composed_ops() {
+    let (rows, h) = (300, 24); // more rows than one task holds, so partial sums are combined
+    check::<3, 2>(
+        "rms_norm",
+        [(random(rows * h, 1, 2.0), vec![3, rows / 3, h]), (random(h, 2, 1.5), vec![h])],
+        |[x, w], device| {
+            let w: Tensor<1> = w.reshape([h]);
+            if fused::available(device, x.dtype()) {
+                fused::rms_norm(x, w, 1e-5)
+            } else {
+                let rms = x.clone().square().mean_dim(2).add_scalar(1e-5).sqrt();
+                (x / rms) * w.unsqueeze()
+            }
+        },
+    );
+}
+
+#[test]
+fn swiglu_matches_the_composed_ops() {
+    let n = 40_000; // several tasks
+    check::<2, 2>(
+        "swiglu",
+        [(random(n, 3, 6.0), vec![100, n / 100]), (random(n, 4, 2.0), vec![100, n / 100])],
+        |[gate, up], device| {
+            if fused::available(device, gate.dtype()) { fused::swiglu(gate, up) } else { silu(gate) * up }
+        },
+    );
+}
+
+/// The reference: scale, mask (true = hidden, bottom-right aligned), softmax.
+fn composed_causal_softmax(scores: Tensor<4>, scale: f64) -> Tensor<4> {
+    let [b, h, q, k] = scores.dims();
+    let past = k - q;
+    let mask: Vec<bool> = (0..q).flat_map(|i| (0..k).map(move |j| j > i + past)).collect();
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(mask, [1, 1, q, k]), &scores.device()).expand([b, h, q, k]);
+    softmax(scores.mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY), 3)
+}
+
+#[test]
+fn causal_softmax_matches_the_composed_ops() {
+    // Square (training) and queries after cached keys (generation).
+    for (q, k) in [(17, 17), (5, 12), (1, 9)] {
+        let (b, h) = (2, 3);
+        check::<4, 1>(
+            &format!("causal_softmax {q}x{k}"),
+            [(random(b * h * q * k, 5, 4.0), vec![b, h, q, k])],
+            |[scores], device| {
+                if fused::available(device, scores.dtype()) {
+                    fused::causal_softmax(scores, 0.125)
+                } else {
+                    composed_causal_softmax(scores, 0.125)
+                }
+            },
+        );
+    }
+}
+
+#[test]
+fn rotary_matches_the_rotate_half_formula_with_its_gradient() {
+    let (b, s, n, d) = (2, 7, 3, 8);
+    let tables = kiln::model::RotaryTables::new(d, 16, 10000.0);
+    check::<4, 1>("rotary", [(random(b * s * n * d, 6, 1.0), vec![b, s, n, d])], |[x], device| {
+        // RotaryTables::apply takes [batch, heads, seq, head_dim] and picks the path itself.
+        let rotated = tables.apply(x.swap_dims(1, 2), 3);
+        assert_eq!(fused::available(device, rotated.dtype()), device.clone().without_autodiff() == Device::flex());
+        rotated
+    });
+}
+
+#[test]
+fn kernels_give_identical_bits_on_any_number_of_threads() {
+    let (rows, h) = (1000, 64);
+    let (x, w, gy) = (random(rows * h, 7, 3.0), random(h, 8, 1.0), random(rows * h, 9, 1.0));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (mut y, mut inv) = (vec![0.0; rows * h], vec![0.0; rows]);
+            kernels::rms_norm(&x, &w, 1e-6, &mut y, &mut inv);
+            let mut gx = vec![0.0; rows * h];
+            let gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, &mut gx);
+            let mut p = vec![0.0; rows * h];
+            kernels::causal_softmax(&x, 50, h, 0.3, &mut p);
+            (y, gx, gw, p)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 8] {
+        let other = run(threads);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one.0), bits(&other.0), "rms_norm output, {threads} threads");
+        assert_eq!(bits(&one.1), bits(&other.1), "rms_norm input gradient, {threads} threads");
+        assert_eq!(bits(&one.2), bits(&other.2), "rms_norm weight gradient, {threads} threads");
+        assert_eq!(bits(&one.3), bits(&other.3), "causal softmax, {threads} threads");
+    }
+}
+
+#[test]
+fn whole_model_loss_and_gradients_match_between_fused_flex_and_ndarray() {
+    let shape = LlamaShape {
+        vocab_size: 40,
+        hidden_size: 32,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 48,
+        max_position_embeddings: 32,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+    };
+    let ids: Vec<i32> = (0..2 * 12).map(|i| (i * 7 % 40) as i32).collect();
+    let run = |device: &Device| {
+        let model = LlamaForCausalLM::init(&shape, 0.2, 0.0, 11, device);
+        let batch = |offset: usize| {
+            let v: Vec<i32> = ids.iter().map(|&t| (t + offset as i32) % 40).collect();
+            Tensor::from_data(TensorData::new(v, [2, 12]), device)
+        };
+        let loss = model.loss(batch(0), batch(1));
+        let grads = loss.backward();
+        let mut collect = Grads { grads: &grads, all: vec![loss.into_scalar::<f32>()] };
+        kiln::params::visit_named(&model, &mut collect);
+        assert_eq!(collect.all.len(), 1 + shape.num_params());
+        collect.all
+    };
+    assert_close("model loss and gradients", &run(&flex()), &run(&ndarray()), 2e-5);
+}
+
+/// Every parameter's gradient, in module order.
+struct Grads<'a> {
+    grads: &'a Gradients,
+    all: Vec<f32>,
+}
+
+impl NamedVisitor for Grads<'_> {
+    fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>) {
+        let grad = param.val().grad(self.grads).unwrap_or_else(|| panic!("no gradient for {name}"));
+        self.all.extend(values(grad));
+    }
+}
