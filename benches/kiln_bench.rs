@@ -129,19 +129,31 @@ fn kiln_train(shape: Shape, backend: BackendKind, warmup: usize, steps: usize) -
 
 fn train_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
     for (shape, steps) in [(TINY, if quick { 8 } else { 20 }), (SMALL, if quick { 3 } else { 8 })] {
-        let (mut flex, mut ndarray, mut torch) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut flex, mut composed, mut ndarray, mut torch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             let (t, vocab) = kiln_train(shape, BackendKind::Flex, 3, steps)?;
             flex.push(t);
+            // The same backend with the fused kernels switched off: what they gain.
+            kiln::fused::set_enabled(false);
+            let without = kiln_train(shape, BackendKind::Flex, 3, steps);
+            kiln::fused::set_enabled(true);
+            composed.push(without?.0);
             ndarray.push(kiln_train(shape, BackendKind::Ndarray, 2, steps)?.0);
             let mut args = vec!["train".to_string()];
             args.extend(torch_shape_args(shape, vocab));
             args.extend(["--steps".into(), steps.to_string(), "--threads".into(), "2".into()]);
             torch.push(python(&args)?["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
-            eprintln!("bench: train {}: flex {:.0}, ndarray {:.0}, torch {:.0} tok/s", shape.name, flex.last().unwrap(), ndarray.last().unwrap(), torch.last().unwrap());
+            eprintln!(
+                "bench: train {}: flex {:.0}, flex without fused kernels {:.0}, ndarray {:.0}, torch {:.0} tok/s",
+                shape.name,
+                flex.last().unwrap(),
+                composed.last().unwrap(),
+                ndarray.last().unwrap(),
+                torch.last().unwrap()
+            );
         }
         let torch = median(torch);
-        for (backend, values) in [("flex", flex), ("ndarray", ndarray)] {
+        for (backend, values) in [("flex", flex), ("flex without fused kernels", composed), ("ndarray", ndarray)] {
             rows.push(Row {
                 benchmark: format!("train {} b{}x{} on {backend}", shape.name, shape.batch, shape.seq_len),
                 kiln: median(values),
@@ -406,6 +418,7 @@ fn print_table(rows: &[Row]) {
 }
 
 fn main() -> Result<()> {
+    kiln::backend::keep_freed_memory(); // as the kiln binary does
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();

@@ -156,6 +156,7 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 /// Entry point of the binary: runs the command and turns errors into one message and a
 /// non-zero exit status.
 pub fn main() -> ExitCode {
+    crate::backend::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {

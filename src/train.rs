@@ -309,7 +309,14 @@ impl Learner {
                 self.step + 1
             );
         }
-        let mut grads = GradientsParams::from_grads(loss.backward(), self.model());
+        let grads = GradientsParams::from_grads(loss.backward(), self.model());
+        let grad_norm = self.apply_gradients(grads);
+        Ok((loss_value, grad_norm))
+    }
+
+    /// Clips `grads`, takes one optimizer step at this step's learning rate, updates the EMA
+    /// and advances the step counter. Returns the gradient norm before clipping.
+    pub fn apply_gradients(&mut self, mut grads: GradientsParams) -> f64 {
         let grad_norm = clip_grad_norm(self.model(), &mut grads, self.config.training.grad_clip);
         let lr = self.schedule.lr(self.step);
         // The optimizer takes the model by value so that tensors no one else holds can be
@@ -321,7 +328,7 @@ impl Learner {
         }
         self.model = Some(model);
         self.step += 1;
-        Ok((loss_value, grad_norm))
+        grad_norm
     }
 
     /// Mean validation loss (nats/token) over the fixed validation batches.
