@@ -203,6 +203,21 @@ fn the_sidecar_carries_everything_the_spec_names() {
     let optim = kiln::safetensors_io::SafetensorsFile::open(&ck_dir.join("checkpoint_latest.optim.safetensors")).unwrap();
     assert!(optim.contains("exp_avg.model.layers.0.self_attn.q_proj.weight"));
     assert!(optim.contains("exp_avg_sq.lm_head.weight"));
+
+    // Metrics read back bit for bit: the best metric decides what a resumed run keeps. (A
+    // 17-digit value like this one came back one ulp off before serde_json's
+    // float_roundtrip parser was enabled.)
+    let path = ck_dir.join("checkpoint_latest.meta.json");
+    let mut sidecar = Sidecar::read(&path).unwrap();
+    let awkward = [2.9820950031280518, 0.1 + 0.2, 1e-300 / 3.0, f64::MAX, 5e-324];
+    for (i, v) in awkward.iter().enumerate() {
+        sidecar.metrics.insert(format!("m{i}"), *v);
+    }
+    std::fs::write(&path, sidecar.to_json()).unwrap();
+    let back = Sidecar::read(&path).unwrap();
+    for (i, v) in awkward.iter().enumerate() {
+        assert_eq!(back.metrics[&format!("m{i}")].to_bits(), v.to_bits(), "metric {v:e} changed in the sidecar");
+    }
 }
 
 #[test]
