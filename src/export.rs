@@ -446,7 +446,7 @@ pub fn training_metadata(sidecar: &crate::checkpoint::sidecar::Sidecar, bundle_n
         "global_step": sidecar.global_step,
         "epochs_completed": sidecar.epoch,
         "tokens_seen": sidecar.global_step * c.training.batch_size * c.data.seq_len,
-        "wall_seconds": (sidecar.train_seconds * 10.0).round() / 10.0,
+        "wall_seconds": (sidecar.train_seconds * 1000.0).round() / 1000.0,
         "started_at": sidecar.started_at,
         "checkpoint_created_at": sidecar.created_at,
         "exported_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
