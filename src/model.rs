@@ -231,7 +231,7 @@ impl RotaryTables {
 
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) as positions `start..start + seq`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        self.slice(start, x.dims()[2], &x.device()).apply(x.swap_dims(1, 2))
+        self.slice(start, x.dims()[2], &x.device()).rotate(x.swap_dims(1, 2)).swap_dims(1, 2)
     }
 
     /// The tables for positions `start..start + len`.
@@ -253,19 +253,17 @@ struct Rotary {
 }
 
 impl Rotary {
-    /// Rotates `x` laid out `[batch, seq, heads, head_dim]` and returns it as
-    /// `[batch, heads, seq, head_dim]`: `x * cos + rotate_half(x) * sin`, with
-    /// `rotate_half(x) = cat(-x2, x1)`.
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+    /// Rotates `x` laid out `[batch, seq, heads, head_dim]`, keeping that layout:
+    /// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
+    fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
         if fused::available(&x.device(), x.dtype()) {
-            return fused::rotary(x, self.cos.clone(), self.sin.clone()).swap_dims(1, 2);
+            return fused::rotary(x, self.cos.clone(), self.sin.clone());
         }
-        let x = x.swap_dims(1, 2);
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let [b, s, h, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let table = |t: &Tensor<2>| t.clone().unsqueeze::<4>();
+        let table = |t: &Tensor<2>| t.clone().reshape([1, s, 1, d]);
         x * table(&self.cos) + rotated * table(&self.sin)
     }
 }
@@ -277,10 +275,17 @@ impl LlamaAttention {
         let (b, s) = (batch, tokens / batch);
         let head_dim = hidden / self.num_heads;
         let fused = fused::available(&x.device(), x.dtype());
+        let scale = (head_dim as f64).powf(-0.5);
+        // `[batch, seq, heads, head_dim]`, the order the projections produce.
         let heads = |t: Tensor<2>, n: usize| t.reshape([b, s, n, head_dim]);
-        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let mut k = rotary.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let mut v = heads(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
+        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        if fused && cache.is_none() {
+            let out = fused::causal_attention(q, k, v, scale);
+            return self.o_proj.forward(out.reshape([tokens, hidden]));
+        }
+        let (q, mut k, mut v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
 
         let past = match cache {
             Some(cache) => {
@@ -299,7 +304,7 @@ impl LlamaAttention {
         let v = repeat_kv(v, self.num_heads / self.num_kv_heads);
         if fused {
             let scores = q.matmul(k.swap_dims(2, 3));
-            let out = fused::causal_softmax(scores, (head_dim as f64).powf(-0.5)).matmul(v);
+            let out = fused::causal_softmax(scores, scale).matmul(v);
             return self.o_proj.forward(out.swap_dims(1, 2).reshape([tokens, hidden]));
         }
         // A query block that starts after cached positions needs the causal mask shifted by

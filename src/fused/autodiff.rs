@@ -69,6 +69,21 @@ impl Backward<Flex, 1> for CausalSoftmaxBackward {
 }
 
 #[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    /// Queries, keys, values, the probabilities and the score scale.
+    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, k, v, probs, scale) = ops.state;
+        let gout = grads.consume::<Flex>(&ops.node);
+        let (dq, dk, dv) = flex::attention_backward(&gout, &q, &k, &v, &probs, scale);
+        register!(grads, ops.parents, [dq, dk, dv]);
+    }
+}
+
+#[derive(Debug)]
 struct RotaryBackward;
 
 impl Backward<Flex, 1> for RotaryBackward {
@@ -104,6 +119,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         match CausalSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
             OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        let (out, probs) = flex::attention_forward(q.primitive(), k.primitive(), v.primitive(), scale);
+        match AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                prep.finish((q.into_primitive(), k.into_primitive(), v.into_primitive(), probs, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

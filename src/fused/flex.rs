@@ -5,7 +5,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
-use super::{FusedOps, kernels};
+use super::{FusedOps, attention, kernels};
 
 /// The tensor's values in row-major order, borrowed when it is contiguous.
 fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
@@ -73,7 +73,42 @@ pub(super) fn rotary(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, inverse
     tensor(y, shape)
 }
 
+/// Sizes of attention over queries `[batch, queries, heads, head_dim]` and keys/values
+/// `[batch, keys, kv_heads, head_dim]`.
+fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::Dims {
+    let (qs, ks) = (q.shape(), k.shape());
+    assert!(qs.num_dims() == 4 && ks.num_dims() == 4, "attention takes [batch, seq, heads, head_dim] tensors");
+    assert_eq!(ks, v.shape(), "keys and values differ in shape");
+    assert!(qs[0] == ks[0] && qs[3] == ks[3], "queries {qs:?} and keys {ks:?} do not match");
+    attention::Dims { batch: qs[0], queries: qs[1], keys: ks[1], heads: qs[2], kv_heads: ks[2], head_dim: qs[3] }
+}
+
+/// The attention output and the probabilities the backward pass needs.
+pub(super) fn attention_forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, scale: f64) -> (FlexTensor, FlexTensor) {
+    let dims = attention_dims(q, k, v);
+    let (out, probs) = attention::forward(&values(q), &values(k), &values(v), dims, scale as f32);
+    let probs_shape = Shape::new([dims.batch, dims.heads, dims.queries, dims.keys]);
+    (tensor(out, q.shape()), tensor(probs, probs_shape))
+}
+
+pub(super) fn attention_backward(
+    gout: &FlexTensor,
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    probs: &FlexTensor,
+    scale: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let dims = attention_dims(q, k, v);
+    let (dq, dk, dv) = attention::backward(&values(gout), &values(q), &values(k), &values(v), &values(probs), dims, scale as f32);
+    (tensor(dq, q.shape()), tensor(dk, k.shape()), tensor(dv, v.shape()))
+}
+
 impl FusedOps for Flex {
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f64) -> FlexTensor {
+        attention_forward(&q, &k, &v, scale).0
+    }
+
     fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
         rms_norm_forward(&x, &weight, eps).0
     }

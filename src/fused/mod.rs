@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the parts of a Llama step that Burn runs as chains of small
-//! element-wise ops: RMSNorm, the SwiGLU gate, the causal softmax of attention and the rotary
-//! embedding.
+//! element-wise ops: RMSNorm, the SwiGLU gate, causal attention (and its softmax alone, for
+//! decoding with a cache), the rotary embedding and the AdamW update.
 //!
 //! Why: on Flex, Burn's default CPU backend, every element-wise op is its own pass over memory
 //! with its own allocation and its own autodiff node, and those passes run on one thread. A
@@ -12,9 +12,11 @@
 //! Only Flex devices use them ([`available`]); ndarray, wgpu and cuda run the composed tensor
 //! ops in model.rs, which are also the reference the tests hold these kernels to.
 
+pub mod attention;
 mod autodiff;
 mod flex;
 pub mod kernels;
+mod matmul;
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +35,11 @@ pub trait FusedOps: Backend {
     /// Softmax of `scale * scores` over the last dimension with a bottom-right aligned causal
     /// mask (`[.., queries, keys]`, query `i` sees keys `..= i + keys - queries`).
     fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    /// `softmax(scale * q k^T + causal mask) v` per head, on queries `[batch, queries, heads,
+    /// head_dim]` and keys/values `[batch, keys, kv_heads, head_dim]` (grouped-query: query
+    /// head `h` reads key/value head `h / (heads / kv_heads)`); the output has the queries'
+    /// layout. The mask is bottom-right aligned, as [`FusedOps::causal_softmax`]'s.
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     /// Rotary embedding (rotate-half) of `x` `[batch, positions, heads, head_dim]` with tables
     /// `[positions, head_dim]`; the tables are constants (no gradient).
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -77,6 +84,16 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 
 pub fn causal_softmax<const D: usize>(scores: Tensor<D>, scale: f64) -> Tensor<D> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_softmax(scores.into_dispatch(), scale))
+}
+
+/// Causal attention on the token-ordered layout; see [`FusedOps::causal_attention`].
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+    ))
 }
 
 pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {

@@ -4,7 +4,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
-use kiln::fused::{self, kernels};
+use kiln::fused::{self, attention, kernels};
 use burn::module::Param;
 use burn::tensor::Gradients;
 use kiln::model::{LlamaForCausalLM, LlamaShape};
@@ -134,6 +134,44 @@ fn causal_softmax_matches_the_composed_ops() {
     }
 }
 
+/// The reference attention on `[batch, seq, heads, head_dim]` tensors: heads first, keys and
+/// values repeated per query group, scores, masked softmax, weighted values, token order again.
+fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+    let [b, sk, kv_heads, d] = k.dims();
+    let n_rep = q.dims()[2] / kv_heads;
+    let repeat = |t: Tensor<4>| {
+        let t = t.swap_dims(1, 2);
+        t.unsqueeze_dim::<5>(2).expand([b, kv_heads, n_rep, sk, d]).reshape([b, kv_heads * n_rep, sk, d])
+    };
+    let (k, v) = (repeat(k), repeat(v));
+    let scores = q.swap_dims(1, 2).matmul(k.swap_dims(2, 3));
+    composed_causal_softmax(scores, scale).matmul(v).swap_dims(1, 2)
+}
+
+#[test]
+fn causal_attention_matches_the_composed_ops() {
+    // Several 64-row query blocks, queries after cached keys, grouped-query heads, one query.
+    for (sq, sk, heads, kv_heads) in [(130, 130, 4, 2), (70, 150, 2, 2), (1, 9, 4, 1), (5, 5, 3, 3)] {
+        let (b, d) = (2, 8);
+        let what = format!("causal_attention {sq} queries, {sk} keys, {heads}/{kv_heads} heads");
+        check::<4, 3>(
+            &what,
+            [
+                (random(b * sq * heads * d, 21, 1.0), vec![b, sq, heads, d]),
+                (random(b * sk * kv_heads * d, 22, 1.0), vec![b, sk, kv_heads, d]),
+                (random(b * sk * kv_heads * d, 23, 1.0), vec![b, sk, kv_heads, d]),
+            ],
+            |[q, k, v], device| {
+                if fused::available(device, q.dtype()) {
+                    fused::causal_attention(q, k, v, 0.3)
+                } else {
+                    composed_attention(q, k, v, 0.3)
+                }
+            },
+        );
+    }
+}
+
 #[test]
 fn rotary_matches_the_rotate_half_formula_with_its_gradient() {
     let (b, s, n, d) = (2, 7, 3, 8);
@@ -159,7 +197,12 @@ fn kernels_give_identical_bits_on_any_number_of_threads() {
             let gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, &mut gx);
             let mut p = vec![0.0; rows * h];
             kernels::causal_softmax(&x, 50, h, 0.3, &mut p);
-            (y, gx, gw, p)
+            // 1000 x 64 values as queries, keys, values and output gradient of 2 sequences of 100
+            // positions, 5 heads of 64 over 5 key/value heads (several query blocks each).
+            let dims = attention::Dims { batch: 2, queries: 100, keys: 100, heads: 5, kv_heads: 5, head_dim: 64 };
+            let (out, probs) = attention::forward(&x, &gy, &gx, dims, 0.125);
+            let (dq, dk, dv) = attention::backward(&gy, &x, &gy, &gx, &probs, dims, 0.125);
+            (y, gx, gw, p, [out, probs, dq, dk, dv])
         })
     };
     let one = run(1);
@@ -170,6 +213,9 @@ fn kernels_give_identical_bits_on_any_number_of_threads() {
         assert_eq!(bits(&one.1), bits(&other.1), "rms_norm input gradient, {threads} threads");
         assert_eq!(bits(&one.2), bits(&other.2), "rms_norm weight gradient, {threads} threads");
         assert_eq!(bits(&one.3), bits(&other.3), "causal softmax, {threads} threads");
+        for (i, (a, b)) in one.4.iter().zip(&other.4).enumerate() {
+            assert_eq!(bits(a), bits(b), "attention output {i} (out, probs, dq, dk, dv), {threads} threads");
+        }
     }
 }
 

@@ -1,0 +1,191 @@
+//! Causal self-attention in one pass per head, forward and backward, on the `[batch, seq,
+//! heads, head_dim]` layout the projections produce.
+//!
+//! Why: composed from tensor ops, attention transposes queries, keys and values into
+//! `[batch, heads, seq, head_dim]`, materialises the scores and their gradients as separate
+//! `[batch, heads, seq, seq]` tensors, and copies the output back into token order, all of it
+//! allocated and zero-filled first. Here each head's scores live in one buffer, the products
+//! read and write the token-ordered tensors in place through strides, and query blocks skip
+//! the keys the causal mask hides. The probabilities are kept for the backward pass.
+//!
+//! Work is split by (sequence, head) for the forward pass and by (sequence, key/value head) for
+//! the backward pass, each task single-threaded and summing in a fixed order, so results do not
+//! depend on the number of threads.
+
+use rayon::prelude::*;
+
+use super::kernels::exp;
+use super::matmul::{Buf, View, matmul};
+
+/// Query rows per block: the causal mask lets a block skip the keys after its last query.
+const BLOCK: usize = 64;
+
+/// Sizes of one attention call. Queries are the last `queries` of `keys` positions (bottom-right
+/// aligned causal mask): query `i` sees keys `0..=i + keys - queries`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Dims {
+    fn past(&self) -> usize {
+        self.keys - self.queries
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Query head `h` of sequence `b` in `[batch, queries, heads, head_dim]`.
+    fn query(&self, b: usize, h: usize) -> View {
+        let row = self.heads * self.head_dim;
+        View::rows(b * self.queries * row + h * self.head_dim, self.queries, self.head_dim, row)
+    }
+
+    /// Key/value head `g` of sequence `b` in `[batch, keys, kv_heads, head_dim]`.
+    fn key(&self, b: usize, g: usize) -> View {
+        let row = self.kv_heads * self.head_dim;
+        View::rows(b * self.keys * row + g * self.head_dim, self.keys, self.head_dim, row)
+    }
+
+    /// The `[queries, keys]` probabilities of head `h` of sequence `b`.
+    fn probs(&self, b: usize, h: usize) -> View {
+        View::rows((b * self.heads + h) * self.queries * self.keys, self.queries, self.keys, self.keys)
+    }
+
+    /// Keys visible to query rows `..end`.
+    fn visible(&self, end: usize) -> usize {
+        (end + self.past()).min(self.keys)
+    }
+
+    fn check(&self, q: usize, kv: usize) {
+        assert!(self.queries <= self.keys, "attention of {} queries over only {} keys", self.queries, self.keys);
+        assert!(self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads), "heads must be a multiple of kv_heads");
+        assert_eq!(q, self.batch * self.queries * self.heads * self.head_dim, "queries have the wrong size");
+        assert_eq!(kv, self.batch * self.keys * self.kv_heads * self.head_dim, "keys/values have the wrong size");
+    }
+}
+
+/// Row blocks `(start, end)` of `0..n`.
+fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(BLOCK).map(move |s| (s, (s + BLOCK).min(n)))
+}
+
+/// `softmax(scale * q k^T + causal mask) v` for every head; returns the output
+/// `[batch, queries, heads, head_dim]` and the probabilities `[batch, heads, queries, keys]`.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    dims.check(q.len(), k.len());
+    assert_eq!(k.len(), v.len(), "keys and values differ in size");
+    let (out_len, probs_len) = (q.len(), dims.batch * dims.heads * dims.queries * dims.keys);
+    let (mut out, mut probs) = (Vec::with_capacity(out_len), Vec::with_capacity(probs_len));
+    let (out_buf, probs_buf) = (Buf::spare(&mut out, out_len), Buf::spare(&mut probs, probs_len));
+    let (q, k, v) = (Buf::of(q), Buf::of(k), Buf::of(v));
+    let d = dims.head_dim;
+    (0..dims.batch * dims.heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / dims.heads, task % dims.heads);
+        let (qv, kv, pv) = (dims.query(b, h), dims.key(b, h / dims.group()), dims.probs(b, h));
+        for (start, end) in blocks(dims.queries) {
+            let (rows, keys) = (end - start, dims.visible(end));
+            let p = pv.block(start, 0, rows, keys);
+            // SAFETY: this task alone writes head `h` of sequence `b` in both outputs, and the
+            // product writes each probability block before the softmax and `p v` read it.
+            unsafe {
+                matmul(probs_buf, p, q, qv.block(start, 0, rows, d), k, kv.block(0, 0, keys, d).t(), scale, false);
+                let p_rows = probs_buf.slice_mut(p.offset, rows * dims.keys);
+                for (i, row) in p_rows.chunks_exact_mut(dims.keys).enumerate() {
+                    softmax_in_place(row, start + i + dims.past() + 1);
+                }
+                matmul(out_buf, qv.block(start, 0, rows, d), probs_buf, p, v, kv.block(0, 0, keys, d), 1.0, false);
+            }
+        }
+    });
+    // SAFETY: the tasks above wrote every element of both buffers.
+    unsafe {
+        out.set_len(out_len);
+        probs.set_len(probs_len);
+    }
+    (out, probs)
+}
+
+/// Softmax over the first `visible` scores of a row (already scaled); the rest become 0.
+fn softmax_in_place(row: &mut [f32], visible: usize) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    let max = seen.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0.0f32;
+    for s in seen.iter_mut() {
+        *s = exp(*s - max);
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    seen.iter_mut().for_each(|s| *s *= inv);
+    hidden.fill(0.0);
+}
+
+/// Gradients of [`forward`] with respect to `q`, `k` and `v`, from the output gradient `gout`
+/// `[batch, queries, heads, head_dim]` and the saved probabilities.
+pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    dims.check(q.len(), k.len());
+    assert!(gout.len() == q.len() && v.len() == k.len(), "attention gradient inputs differ in size");
+    assert_eq!(probs.len(), dims.batch * dims.heads * dims.queries * dims.keys, "probabilities have the wrong size");
+    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(q.len()), Vec::with_capacity(k.len()), Vec::with_capacity(v.len()));
+    let (dq_buf, dk_buf, dv_buf) = (Buf::spare(&mut dq, q.len()), Buf::spare(&mut dk, k.len()), Buf::spare(&mut dv, v.len()));
+    let (q_len, k_len) = (q.len(), k.len());
+    let (gout, q, k, v, probs_buf) = (Buf::of(gout), Buf::of(q), Buf::of(k), Buf::of(v), Buf::of(probs));
+    let d = dims.head_dim;
+    let dsv = View::rows(0, dims.queries, dims.keys, dims.keys);
+    (0..dims.batch * dims.kv_heads).into_par_iter().for_each_init(
+        || vec![0.0f32; dims.queries * dims.keys],
+        |scratch, task| {
+            let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
+            let kv = dims.key(b, g);
+            let ds = Buf::of_mut(scratch);
+            for (i, h) in (g * dims.group()..(g + 1) * dims.group()).enumerate() {
+                let (qv, pv) = (dims.query(b, h), dims.probs(b, h));
+                // SAFETY: this task alone writes key/value head `g` of sequence `b` in dk and
+                // dv, the query heads of that group in dq, and its own scratch `ds`.
+                unsafe {
+                    for (start, end) in blocks(dims.queries) {
+                        let (rows, keys) = (end - start, dims.visible(end));
+                        // dP = dO v^T, then dS = scale * P * (dP - rowsum(P * dP)), in place.
+                        let block = dsv.block(start, 0, rows, keys);
+                        matmul(ds, block, gout, qv.block(start, 0, rows, d), v, kv.block(0, 0, keys, d).t(), 1.0, false);
+                        let p_rows = &probs[pv.offset + start * dims.keys..pv.offset + end * dims.keys];
+                        let ds_rows = ds.slice_mut(start * dims.keys, rows * dims.keys);
+                        for (r, (row, p)) in ds_rows.chunks_exact_mut(dims.keys).zip(p_rows.chunks_exact(dims.keys)).enumerate() {
+                            let visible = start + r + dims.past() + 1;
+                            let dot = row[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
+                            for (s, &p) in row[..visible].iter_mut().zip(&p[..visible]) {
+                                *s = scale * p * (*s - dot);
+                            }
+                            row[visible..].fill(0.0);
+                        }
+                        // dQ = dS k over the visible keys.
+                        matmul(dq_buf, qv.block(start, 0, rows, d), ds, block, k, kv.block(0, 0, keys, d), 1.0, false);
+                    }
+                    // dV += P^T dO and dK += dS^T q, each key block over the queries that see
+                    // it; the group's first head writes, the others add.
+                    for (start, end) in blocks(dims.keys) {
+                        let from = start.saturating_sub(dims.past()).min(dims.queries);
+                        let (rows, queries) = (end - start, dims.queries - from);
+                        let dst = kv.block(start, 0, rows, d);
+                        let rhs_q = qv.block(from, 0, queries, d);
+                        matmul(dv_buf, dst, probs_buf, pv.t().block(start, from, rows, queries), gout, rhs_q, 1.0, i > 0);
+                        matmul(dk_buf, dst, ds, dsv.t().block(start, from, rows, queries), q, rhs_q, 1.0, i > 0);
+                    }
+                }
+            }
+        },
+    );
+    // SAFETY: the tasks above wrote every element of the three buffers.
+    unsafe {
+        dq.set_len(q_len);
+        dk.set_len(k_len);
+        dv.set_len(k_len);
+    }
+    (dq, dk, dv)
+}
