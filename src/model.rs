@@ -278,12 +278,12 @@ impl LlamaAttention {
         let scale = (head_dim as f64).powf(-0.5);
         // `[batch, seq, heads, head_dim]`, the order the projections produce.
         let heads = |t: Tensor<2>, n: usize| t.reshape([b, s, n, head_dim]);
-        let q = rotary.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rotary.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = rotary.rotate(heads(project(&self.q_proj, x.clone()), self.num_heads));
+        let k = rotary.rotate(heads(project(&self.k_proj, x.clone()), self.num_kv_heads));
+        let v = heads(project(&self.v_proj, x), self.num_kv_heads);
         if fused && cache.is_none() {
             let out = fused::causal_attention(q, k, v, scale);
-            return self.o_proj.forward(out.reshape([tokens, hidden]));
+            return project(&self.o_proj, out.reshape([tokens, hidden]));
         }
         let (q, mut k, mut v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
 
@@ -305,7 +305,7 @@ impl LlamaAttention {
         if fused {
             let scores = q.matmul(k.swap_dims(2, 3));
             let out = fused::causal_softmax(scores, scale).matmul(v);
-            return self.o_proj.forward(out.swap_dims(1, 2).reshape([tokens, hidden]));
+            return project(&self.o_proj, out.swap_dims(1, 2).reshape([tokens, hidden]));
         }
         // A query block that starts after cached positions needs the causal mask shifted by
         // `past` (bottom-right aligned); a single new token sees everything cached.
@@ -320,7 +320,7 @@ impl LlamaAttention {
             is_causal,
         };
         let out = attention(q, k, v, mask, None, options);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([tokens, hidden]))
+        project(&self.o_proj, out.swap_dims(1, 2).reshape([tokens, hidden]))
     }
 }
 
@@ -331,6 +331,15 @@ fn shifted_causal_mask(s: usize, past: usize, device: &Device) -> Tensor<4, burn
         .flat_map(|i| (0..total).map(move |j| j > past + i))
         .collect();
     Tensor::from_data(TensorData::new(data, [1, 1, s, total]), device)
+}
+
+/// `layer` applied to rows of `x`; on Flex through the fused product (Burn's `Linear` otherwise,
+/// and for layers with a bias, which kiln's Llama never has).
+fn project(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+    if layer.bias.is_none() && fused::available(&x.device(), x.dtype()) {
+        return fused::linear(x, layer.weight.val());
+    }
+    layer.forward(x)
 }
 
 /// Repeats each key/value head `n_rep` times (Hugging Face `repeat_kv`): query head `h` uses
@@ -347,14 +356,14 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 
 impl LlamaMlp {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = self.gate_proj.forward(x.clone());
-        let up = self.up_proj.forward(x);
+        let gate = project(&self.gate_proj, x.clone());
+        let up = project(&self.up_proj, x);
         let hidden = if fused::available(&gate.device(), gate.dtype()) {
             fused::swiglu(gate, up)
         } else {
             silu(gate) * up
         };
-        self.down_proj.forward(hidden)
+        project(&self.down_proj, hidden)
     }
 }
 
@@ -465,7 +474,7 @@ impl LlamaForCausalLM {
         }
         let x = self.model.norm.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => project(head, x),
             None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
         };
         let vocab = logits.dims()[1];

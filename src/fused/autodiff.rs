@@ -69,6 +69,28 @@ impl Backward<Flex, 1> for CausalSoftmaxBackward {
 }
 
 #[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 2> for LinearBackward {
+    /// Input and weight.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w) = ops.state;
+        let gy = grads.consume::<Flex>(&ops.node);
+        let dims = flex::linear_dims(&x, &w);
+        let [x_parent, w_parent] = ops.parents;
+        // Each gradient only when its input wants one (frozen weights, constant inputs).
+        if let Some(parent) = x_parent {
+            grads.register::<Flex>(parent.id, flex::linear_input_grad(&gy, &w, dims));
+        }
+        if let Some(parent) = w_parent {
+            grads.register::<Flex>(parent.id, flex::linear_weight_grad(&x, &gy, dims));
+        }
+    }
+}
+
+#[derive(Debug)]
 struct AttentionBackward;
 
 impl Backward<Flex, 3> for AttentionBackward {
@@ -119,6 +141,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         match CausalSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
             OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+
+    fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = Flex::linear(x.primitive().clone(), weight.primitive().clone());
+        match LinearBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }
 

@@ -5,7 +5,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Flex, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
-use super::{FusedOps, attention, kernels};
+use super::{FusedOps, attention, kernels, linear};
 
 /// The tensor's values in row-major order, borrowed when it is contiguous.
 fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
@@ -104,7 +104,27 @@ pub(super) fn attention_backward(
     (tensor(dq, q.shape()), tensor(dk, k.shape()), tensor(dv, v.shape()))
 }
 
+/// Sizes of `x` `[tokens, d_in]` times `w` `[d_in, d_out]`.
+pub(super) fn linear_dims(x: &FlexTensor, w: &FlexTensor) -> linear::Dims {
+    let (xs, ws) = (x.shape(), w.shape());
+    assert!(xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0], "linear of {xs:?} by {ws:?}");
+    linear::Dims { tokens: xs[0], d_in: ws[0], d_out: ws[1] }
+}
+
+pub(super) fn linear_input_grad(gy: &FlexTensor, w: &FlexTensor, dims: linear::Dims) -> FlexTensor {
+    tensor(linear::input_grad(&values(gy), &values(w), dims), Shape::new([dims.tokens, dims.d_in]))
+}
+
+pub(super) fn linear_weight_grad(x: &FlexTensor, gy: &FlexTensor, dims: linear::Dims) -> FlexTensor {
+    tensor(linear::weight_grad(&values(x), &values(gy), dims), Shape::new([dims.d_in, dims.d_out]))
+}
+
 impl FusedOps for Flex {
+    fn linear(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let dims = linear_dims(&x, &weight);
+        tensor(linear::forward(&values(&x), &values(&weight), dims), Shape::new([dims.tokens, dims.d_out]))
+    }
+
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, scale: f64) -> FlexTensor {
         attention_forward(&q, &k, &v, scale).0
     }

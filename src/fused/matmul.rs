@@ -80,6 +80,18 @@ impl Buf {
     }
 }
 
+/// A new buffer of `len` elements that `fill` writes completely (never reads).
+///
+/// # Safety
+/// `fill` must write every element.
+pub unsafe fn filled(len: usize, fill: impl FnOnce(Buf)) -> Vec<f32> {
+    let mut buf = Vec::with_capacity(len);
+    fill(Buf::spare(&mut buf, len));
+    // SAFETY: `fill` wrote all `len` elements (the caller's promise).
+    unsafe { buf.set_len(len) };
+    buf
+}
+
 /// `dst = scale * lhs . rhs`, or `dst += scale * lhs . rhs` when `accumulate`, single-threaded
 /// (callers parallelise over many products). With `accumulate` false, `dst` is only written, so
 /// it may be memory nobody has initialised yet.
@@ -89,6 +101,21 @@ impl Buf {
 /// no other task may touch `dst`'s elements during the call.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(dst: Buf, d: View, lhs: Buf, l: View, rhs: Buf, r: View, scale: f32, accumulate: bool) {
+    unsafe { product(dst, d, lhs, l, rhs, r, scale, accumulate, gemm::Parallelism::None) }
+}
+
+/// [`matmul`] split over the threads of the current rayon pool by gemm itself (it divides the
+/// output, never the sum, so the result is the same on any number of threads).
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_parallel(dst: Buf, d: View, lhs: Buf, l: View, rhs: Buf, r: View, accumulate: bool) {
+    unsafe { product(dst, d, lhs, l, rhs, r, 1.0, accumulate, gemm::Parallelism::Rayon(0)) }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(dst: Buf, d: View, lhs: Buf, l: View, rhs: Buf, r: View, scale: f32, accumulate: bool, parallelism: gemm::Parallelism) {
     assert!(d.rows == l.rows && d.cols == r.cols && l.cols == r.rows, "matmul shapes do not agree");
     d.check(dst.len);
     l.check(lhs.len);
@@ -115,7 +142,7 @@ pub unsafe fn matmul(dst: Buf, d: View, lhs: Buf, l: View, rhs: Buf, r: View, sc
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

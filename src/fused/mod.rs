@@ -1,6 +1,7 @@
 //! Fused CPU kernels for the parts of a Llama step that Burn runs as chains of small
-//! element-wise ops: RMSNorm, the SwiGLU gate, causal attention (and its softmax alone, for
-//! decoding with a cache), the rotary embedding and the AdamW update.
+//! element-wise ops (RMSNorm, the SwiGLU gate, causal attention and its softmax alone for
+//! decoding with a cache, the rotary embedding, the AdamW update), and for the linear layers,
+//! whose products Burn surrounds with zero-fills and a poorly parallel weight gradient.
 //!
 //! Why: on Flex, Burn's default CPU backend, every element-wise op is its own pass over memory
 //! with its own allocation and its own autodiff node, and those passes run on one thread. A
@@ -16,6 +17,7 @@ pub mod attention;
 mod autodiff;
 mod flex;
 pub mod kernels;
+pub mod linear;
 mod matmul;
 
 use std::sync::LazyLock;
@@ -35,6 +37,8 @@ pub trait FusedOps: Backend {
     /// Softmax of `scale * scores` over the last dimension with a bottom-right aligned causal
     /// mask (`[.., queries, keys]`, query `i` sees keys `..= i + keys - queries`).
     fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    /// `x W` for `x` `[tokens, d_in]` and a weight `[d_in, d_out]` (a bias-free linear layer).
+    fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `softmax(scale * q k^T + causal mask) v` per head, on queries `[batch, queries, heads,
     /// head_dim]` and keys/values `[batch, keys, kv_heads, head_dim]` (grouped-query: query
     /// head `h` reads key/value head `h / (heads / kv_heads)`); the output has the queries'
@@ -84,6 +88,11 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 
 pub fn causal_softmax<const D: usize>(scores: Tensor<D>, scale: f64) -> Tensor<D> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::causal_softmax(scores.into_dispatch(), scale))
+}
+
+/// A bias-free linear layer on rows of `x`; see [`FusedOps::linear`].
+pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::linear(x.into_dispatch(), weight.into_dispatch()))
 }
 
 /// Causal attention on the token-ordered layout; see [`FusedOps::causal_attention`].

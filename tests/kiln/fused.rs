@@ -4,7 +4,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
-use kiln::fused::{self, attention, kernels};
+use kiln::fused::{self, attention, kernels, linear};
 use burn::module::Param;
 use burn::tensor::Gradients;
 use kiln::model::{LlamaForCausalLM, LlamaShape};
@@ -134,6 +134,34 @@ fn causal_softmax_matches_the_composed_ops() {
     }
 }
 
+#[test]
+fn linear_matches_the_composed_matmul() {
+    // One token slice, and several (the weight gradient then sums slices of 512 tokens).
+    for tokens in [37, 1100] {
+        let (d_in, d_out) = (24, 40);
+        check::<2, 2>(
+            &format!("linear over {tokens} tokens"),
+            [(random(tokens * d_in, 31, 1.0), vec![tokens, d_in]), (random(d_in * d_out, 32, 0.5), vec![d_in, d_out])],
+            |[x, w], device| {
+                if fused::available(device, x.dtype()) { fused::linear(x, w) } else { x.matmul(w) }
+            },
+        );
+    }
+}
+
+#[test]
+fn a_frozen_linear_weight_gets_no_gradient_but_its_input_does() {
+    let device = flex();
+    let x = Tensor::<2>::from_data(TensorData::new(random(6 * 4, 33, 1.0), [6, 4]), &device).require_grad();
+    let w = Tensor::<2>::from_data(TensorData::new(random(4 * 3, 34, 1.0), [4, 3]), &device);
+    let grads = fused::linear(x.clone(), w.clone()).sum().backward();
+    assert!(w.grad(&grads).is_none());
+    // d sum(x W) / dx = each row of x gets the row sums of W.
+    let row_sums: Vec<f32> = values(w.inner().sum_dim(1).reshape([4]));
+    let want: Vec<f32> = (0..6).flat_map(|_| row_sums.clone()).collect();
+    assert_close("input gradient", &values(x.grad(&grads).unwrap()), &want, 1e-6);
+}
+
 /// The reference attention on `[batch, seq, heads, head_dim]` tensors: heads first, keys and
 /// values repeated per query group, scores, masked softmax, weighted values, token order again.
 fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
@@ -202,7 +230,10 @@ fn kernels_give_identical_bits_on_any_number_of_threads() {
             let dims = attention::Dims { batch: 2, queries: 100, keys: 100, heads: 5, kv_heads: 5, head_dim: 64 };
             let (out, probs) = attention::forward(&x, &gy, &gx, dims, 0.125);
             let (dq, dk, dv) = attention::backward(&gy, &x, &gy, &gx, &probs, dims, 0.125);
-            (y, gx, gw, p, [out, probs, dq, dk, dv])
+            // The same values as a linear layer over 1000 tokens of 64 into 64.
+            let lin = linear::Dims { tokens: rows, d_in: h, d_out: h };
+            let (ly, ldx, ldw) = (linear::forward(&x, &gx[..h * h], lin), linear::input_grad(&gy, &gx[..h * h], lin), linear::weight_grad(&x, &gy, lin));
+            (y, gx, gw, p, [out, probs, dq, dk, dv, ly, ldx, ldw])
         })
     };
     let one = run(1);
@@ -214,7 +245,7 @@ fn kernels_give_identical_bits_on_any_number_of_threads() {
         assert_eq!(bits(&one.2), bits(&other.2), "rms_norm weight gradient, {threads} threads");
         assert_eq!(bits(&one.3), bits(&other.3), "causal softmax, {threads} threads");
         for (i, (a, b)) in one.4.iter().zip(&other.4).enumerate() {
-            assert_eq!(bits(a), bits(b), "attention output {i} (out, probs, dq, dk, dv), {threads} threads");
+            assert_eq!(bits(a), bits(b), "output {i} (attention out, probs, dq, dk, dv; linear y, dx, dw), {threads} threads");
         }
     }
 }
