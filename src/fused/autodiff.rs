@@ -1,24 +1,24 @@
-//! Hand-written backward passes of the fused ops on `Autodiff<Flex>`: each op is one node in
-//! the autodiff graph instead of the chain of element-wise nodes it replaces.
+//! Hand-written backward passes of the fused ops on `Autodiff<B>` for the [`Host`] backends:
+//! each op is one node in the autodiff graph instead of the chain of nodes it replaces.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, AutodiffBackend, Flex};
+use burn::backend::{Autodiff, AutodiffBackend};
 
-use super::{FusedOps, flex, kernels};
+use super::host::{self, Host};
+use super::{FusedOps, kernels};
 
 /// Hands each gradient to its parent, skipping parents that do not require one. (A macro
 /// because burn-autodiff does not export the parent node type.)
 macro_rules! register {
-    ($grads:expr, $parents:expr, [$($value:expr),+]) => {{
-        let values: Vec<FlexTensor> = vec![$($value),+];
+    ($b:ty, $grads:expr, $parents:expr, [$($value:expr),+]) => {{
+        let values: Vec<FloatTensor<$b>> = vec![$($value),+];
         for (parent, value) in $parents.into_iter().zip(values) {
             if let Some(parent) = parent {
-                $grads.register::<Flex>(parent.id, value);
+                $grads.register::<$b>(parent.id, value);
             }
         }
     }};
@@ -27,65 +27,65 @@ macro_rules! register {
 #[derive(Debug)]
 struct RmsNormBackward;
 
-impl Backward<Flex, 2> for RmsNormBackward {
+impl<B: Host> Backward<B, 2> for RmsNormBackward {
     /// Input, weight and each row's inverse RMS.
-    type State = (FlexTensor, FlexTensor, FlexTensor);
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, weight, inv_rms) = ops.state;
-        let gy = grads.consume::<Flex>(&ops.node);
-        let (gx, gw) = flex::rms_norm_backward(&gy, &x, &weight, &inv_rms);
-        register!(grads, ops.parents, [gx, gw]);
+        let gy = grads.consume::<B>(&ops.node);
+        let (gx, gw) = host::rms_norm_backward::<B>(&gy, &x, &weight, &inv_rms);
+        register!(B, grads, ops.parents, [gx, gw]);
     }
 }
 
 #[derive(Debug)]
 struct SwigluBackward;
 
-impl Backward<Flex, 2> for SwigluBackward {
+impl<B: Host> Backward<B, 2> for SwigluBackward {
     /// Gate and up projections.
-    type State = (FlexTensor, FlexTensor);
+    type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (gate, up) = ops.state;
-        let gh = grads.consume::<Flex>(&ops.node);
-        let (d_gate, d_up) = flex::swiglu_backward(&gh, &gate, &up);
-        register!(grads, ops.parents, [d_gate, d_up]);
+        let gh = grads.consume::<B>(&ops.node);
+        let (d_gate, d_up) = host::swiglu_backward::<B>(&gh, &gate, &up);
+        register!(B, grads, ops.parents, [d_gate, d_up]);
     }
 }
 
 #[derive(Debug)]
 struct CausalSoftmaxBackward;
 
-impl Backward<Flex, 1> for CausalSoftmaxBackward {
+impl<B: Host> Backward<B, 1> for CausalSoftmaxBackward {
     /// The probabilities (the op's output) and the score scale.
-    type State = (FlexTensor, f64);
+    type State = (FloatTensor<B>, f64);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (probs, scale) = ops.state;
-        let gp = grads.consume::<Flex>(&ops.node);
-        register!(grads, ops.parents, [flex::causal_softmax_backward(&gp, &probs, scale)]);
+        let gp = grads.consume::<B>(&ops.node);
+        register!(B, grads, ops.parents, [host::causal_softmax_backward::<B>(&gp, &probs, scale)]);
     }
 }
 
 #[derive(Debug)]
 struct LinearBackward;
 
-impl Backward<Flex, 2> for LinearBackward {
+impl<B: Host> Backward<B, 2> for LinearBackward {
     /// Input and weight.
-    type State = (FlexTensor, FlexTensor);
+    type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, w) = ops.state;
-        let gy = grads.consume::<Flex>(&ops.node);
-        let dims = flex::linear_dims(&x, &w);
+        let gy = grads.consume::<B>(&ops.node);
+        let dims = host::linear_dims::<B>(&x, &w);
         let [x_parent, w_parent] = ops.parents;
         // Each gradient only when its input wants one (frozen weights, constant inputs).
         if let Some(parent) = x_parent {
-            grads.register::<Flex>(parent.id, flex::linear_input_grad(&gy, &w, dims));
+            grads.register::<B>(parent.id, host::linear_input_grad::<B>(&gy, &w, dims));
         }
         if let Some(parent) = w_parent {
-            grads.register::<Flex>(parent.id, flex::linear_weight_grad(&x, &gy, dims));
+            grads.register::<B>(parent.id, host::linear_weight_grad::<B>(&x, &gy, dims));
         }
     }
 }
@@ -93,35 +93,35 @@ impl Backward<Flex, 2> for LinearBackward {
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl Backward<Flex, 3> for AttentionBackward {
+impl<B: Host> Backward<B, 3> for AttentionBackward {
     /// Queries, keys, values, the probabilities and the score scale.
-    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64);
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (q, k, v, probs, scale) = ops.state;
-        let gout = grads.consume::<Flex>(&ops.node);
-        let (dq, dk, dv) = flex::attention_backward(&gout, &q, &k, &v, &probs, scale);
-        register!(grads, ops.parents, [dq, dk, dv]);
+        let gout = grads.consume::<B>(&ops.node);
+        let (dq, dk, dv) = host::attention_backward::<B>(&gout, &q, &k, &v, &probs, scale);
+        register!(B, grads, ops.parents, [dq, dk, dv]);
     }
 }
 
 #[derive(Debug)]
 struct RotaryBackward;
 
-impl Backward<Flex, 1> for RotaryBackward {
+impl<B: Host> Backward<B, 1> for RotaryBackward {
     /// The cos and sin tables.
-    type State = (FlexTensor, FlexTensor);
+    type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (cos, sin) = ops.state;
-        let gy = grads.consume::<Flex>(&ops.node);
-        register!(grads, ops.parents, [flex::rotary(&gy, &cos, &sin, true)]);
+        let gy = grads.consume::<B>(&ops.node);
+        register!(B, grads, ops.parents, [host::rotary::<B>(&gy, &cos, &sin, true)]);
     }
 }
 
-impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+impl<B: Host, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let (y, inv_rms) = flex::rms_norm_forward(x.primitive(), weight.primitive(), eps);
+        let (y, inv_rms) = host::rms_norm_forward::<B>(x.primitive(), weight.primitive(), eps);
         match RmsNormBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive(), inv_rms), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -129,7 +129,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let out = Flex::swiglu(gate.primitive().clone(), up.primitive().clone());
+        let out = B::swiglu(gate.primitive().clone(), up.primitive().clone());
         match SwigluBackward.prepare::<C>([gate.node(), up.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((gate.into_primitive(), up.into_primitive()), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
@@ -137,7 +137,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        let probs = Flex::causal_softmax(scores.primitive().clone(), scale);
+        let probs = B::causal_softmax(scores.primitive().clone(), scale);
         match CausalSoftmaxBackward.prepare::<C>([scores.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((probs.clone(), scale), probs),
             OpsKind::UnTracked(prep) => prep.finish(probs),
@@ -145,7 +145,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        let y = Flex::linear(x.primitive().clone(), weight.primitive().clone());
+        let y = <B as FusedOps>::linear(x.primitive().clone(), weight.primitive().clone());
         match LinearBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive()), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -153,7 +153,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
-        let (out, probs) = flex::attention_forward(q.primitive(), k.primitive(), v.primitive(), scale);
+        let (out, probs) = host::attention_forward::<B>(q.primitive(), k.primitive(), v.primitive(), scale);
         match AttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 prep.finish((q.into_primitive(), k.into_primitive(), v.into_primitive(), probs, scale), out)
@@ -170,12 +170,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         step: kernels::AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // An optimizer step is outside the graph: run it on the inner tensors.
-        let (p, m, v) = Flex::adamw(Self::inner(param), Self::inner(grad), Self::inner(exp_avg), Self::inner(exp_avg_sq), step);
+        let (p, m, v) = B::adamw(Self::inner(param), Self::inner(grad), Self::inner(exp_avg), Self::inner(exp_avg_sq), step);
         (Self::from_inner(p), Self::from_inner(m), Self::from_inner(v))
     }
 
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        let out = flex::rotary(x.primitive(), cos.primitive(), sin.primitive(), false);
+        let out = host::rotary::<B>(x.primitive(), cos.primitive(), sin.primitive(), false);
         match RotaryBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((cos.into_primitive(), sin.into_primitive()), out),
             OpsKind::UnTracked(prep) => prep.finish(out),

@@ -3,23 +3,29 @@
 //! decoding with a cache, the rotary embedding, the AdamW update), and for the linear layers,
 //! whose products Burn surrounds with zero-fills and a poorly parallel weight gradient.
 //!
-//! Why: on Flex, Burn's default CPU backend, every element-wise op is its own pass over memory
-//! with its own allocation and its own autodiff node, and those passes run on one thread. A
-//! Llama layer spends ~20 of them forward and more backward on work that is one pass here,
-//! split across threads, with the backward pass written by hand (docs/BENCHMARKS.md has the
-//! figures). They are a Burn backend extension: `Flex` runs the kernels, `Autodiff<Flex>`
-//! records one graph node per op with its own backward.
+//! Why: on Burn's CPU backends every element-wise op is its own pass over memory with its own
+//! allocation and its own autodiff node, and many of those passes run on one thread. A Llama
+//! layer spends ~20 of them forward and more backward on work that is one pass here, split
+//! across threads, with the backward pass written by hand (docs/BENCHMARKS.md has the figures).
+//! They are a Burn backend extension: the CPU backends (`Flex`, `NdArray`; see [`host`]) run
+//! the kernels on their own buffers, `Autodiff<B>` records one graph node per op with its own
+//! backward.
 //!
-//! Only Flex devices use them ([`available`]); ndarray, wgpu and cuda run the composed tensor
-//! ops in model.rs, which are also the reference the tests hold these kernels to.
+//! Only those two backends use them ([`available`]); wgpu and cuda run the composed tensor ops
+//! in model.rs, which are also the reference the tests hold these kernels to.
+
+// Burn deprecates its NdArray backend in favour of Flex; kiln still offers both, and the
+// extension and its availability check name it.
+#![allow(deprecated)]
 
 pub mod attention;
 mod autodiff;
-mod flex;
+mod host;
 pub mod kernels;
 pub mod linear;
 mod matmul;
 
+use std::cell::Cell;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,8 +33,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DispatchDevice, backend_extension};
 use burn::tensor::{DType, Device, Tensor};
 
-/// The fused ops, implemented for `Flex` and `Autodiff<Flex>`.
-#[backend_extension(Flex, Autodiff)]
+/// The fused ops, implemented for `Flex`, `NdArray` and `Autodiff` over either.
+#[backend_extension(Flex, NdArray, Autodiff)]
 pub trait FusedOps: Backend {
     /// `x / sqrt(mean(x^2, last dim) + eps) * weight`.
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
@@ -70,12 +76,30 @@ pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether tensors of this dtype on `device` run the fused kernels (f32 on Flex, unless
-/// switched off).
+thread_local! {
+    static COMPOSED_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the fused kernels off on this thread only: the composed ops it then runs are
+/// the independent reference the tests compare the kernels with, while other tests go on.
+pub fn composed<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSED_HERE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPOSED_HERE.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether tensors of this dtype on `device` run the fused kernels (f32 on Flex or NdArray,
+/// unless switched off).
 pub fn available(device: &Device, dtype: DType) -> bool {
     dtype == DType::F32
         && ENABLED.load(Ordering::Relaxed)
-        && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_))
+        && !COMPOSED_HERE.with(Cell::get)
+        && matches!(device.clone().without_autodiff().as_dispatch(), DispatchDevice::Flex(_) | DispatchDevice::NdArray(_))
 }
 
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {

@@ -1,6 +1,6 @@
-//! The fused Flex kernels against the composed tensor ops they replace, run on ndarray (which
-//! never uses them): forward values and the gradients of every input, plus determinism under
-//! different thread counts.
+//! The fused kernels (on Flex and on ndarray) against the composed tensor ops they replace (run
+//! on ndarray with the kernels switched off for the test's thread): forward values and the
+//! gradients of every input, plus determinism under different thread counts.
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -37,8 +37,8 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
     assert!(worst <= tol, "{what}: largest relative difference {worst:e} > {tol:e}");
 }
 
-/// Runs `op` on Flex (fused) and ndarray (composed) with the same inputs, each made
-/// differentiable, and compares the outputs and every input's gradient under the loss
+/// Runs `op` fused on Flex and on ndarray and composed on ndarray with the same inputs, each
+/// made differentiable, and compares the outputs and every input's gradient under the loss
 /// `sum(output * weights)` with random `weights`.
 fn check<const D: usize, const N: usize>(
     what: &str,
@@ -58,11 +58,13 @@ fn check<const D: usize, const N: usize>(
         let input_grads: Vec<Vec<f32>> = tensors.iter().map(|t| values(t.grad(&grads).expect("a gradient"))).collect();
         (values(out.inner()), input_grads)
     };
-    let (fused_out, fused_grads) = run(&flex());
-    let (reference_out, reference_grads) = run(&ndarray());
-    assert_close(&format!("{what} forward"), &fused_out, &reference_out, 2e-6);
-    for (i, (f, r)) in fused_grads.iter().zip(&reference_grads).enumerate() {
-        assert_close(&format!("{what} gradient of input {i}"), f, r, 1e-5);
+    let (reference_out, reference_grads) = fused::composed(|| run(&ndarray()));
+    for (backend, device) in [("flex", flex()), ("ndarray", ndarray())] {
+        let (fused_out, fused_grads) = run(&device);
+        assert_close(&format!("{what} forward on {backend}"), &fused_out, &reference_out, 2e-6);
+        for (i, (f, r)) in fused_grads.iter().zip(&reference_grads).enumerate() {
+            assert_close(&format!("{what} gradient of input {i} on {backend}"), f, r, 1e-5);
+        }
     }
 }
 
@@ -204,12 +206,20 @@ fn causal_attention_matches_the_composed_ops() {
 fn rotary_matches_the_rotate_half_formula_with_its_gradient() {
     let (b, s, n, d) = (2, 7, 3, 8);
     let tables = kiln::model::RotaryTables::new(d, 16, 10000.0);
-    check::<4, 1>("rotary", [(random(b * s * n * d, 6, 1.0), vec![b, s, n, d])], |[x], device| {
+    check::<4, 1>("rotary", [(random(b * s * n * d, 6, 1.0), vec![b, s, n, d])], |[x], _device| {
         // RotaryTables::apply takes [batch, heads, seq, head_dim] and picks the path itself.
-        let rotated = tables.apply(x.swap_dims(1, 2), 3);
-        assert_eq!(fused::available(device, rotated.dtype()), device.clone().without_autodiff() == Device::flex());
-        rotated
+        tables.apply(x.swap_dims(1, 2), 3)
     });
+}
+
+#[test]
+fn the_cpu_backends_use_the_kernels_unless_switched_off_on_the_thread() {
+    for device in [flex(), ndarray(), flex().without_autodiff(), ndarray().without_autodiff()] {
+        assert!(fused::available(&device, burn::tensor::DType::F32), "{device:?}");
+        assert!(!fused::available(&device, burn::tensor::DType::F64), "{device:?} f64");
+        assert!(!fused::composed(|| fused::available(&device, burn::tensor::DType::F32)), "{device:?} composed");
+        assert!(fused::available(&device, burn::tensor::DType::F32), "{device:?} after composed");
+    }
 }
 
 #[test]
@@ -251,7 +261,7 @@ fn kernels_give_identical_bits_on_any_number_of_threads() {
 }
 
 #[test]
-fn whole_model_loss_and_gradients_match_between_fused_flex_and_ndarray() {
+fn whole_model_loss_and_gradients_match_between_fused_and_composed_ops() {
     let shape = LlamaShape {
         vocab_size: 40,
         hidden_size: 32,
@@ -278,7 +288,9 @@ fn whole_model_loss_and_gradients_match_between_fused_flex_and_ndarray() {
         assert_eq!(collect.all.len(), 1 + shape.num_params());
         collect.all
     };
-    assert_close("model loss and gradients", &run(&flex()), &run(&ndarray()), 2e-5);
+    let reference = fused::composed(|| run(&ndarray()));
+    assert_close("model loss and gradients on flex", &run(&flex()), &reference, 2e-5);
+    assert_close("model loss and gradients on ndarray", &run(&ndarray()), &reference, 2e-5);
 }
 
 /// Every parameter's gradient, in module order.

@@ -55,12 +55,14 @@ impl Reference {
     }
 }
 
-/// Flex runs the fused AdamW kernel, ndarray the composed tensor ops: both against PyTorch.
+/// The fused AdamW kernel (on Flex and on ndarray) and the composed tensor ops other backends
+/// run: all against PyTorch.
 #[test]
 #[allow(deprecated)]
 fn adamw_matches_pytorch_semantics_and_keys_state_by_name() {
     adamw_against_reference(&Device::flex().autodiff());
     adamw_against_reference(&Device::ndarray().autodiff());
+    kiln::fused::composed(|| adamw_against_reference(&Device::flex().autodiff()));
 }
 
 fn adamw_against_reference(device: &Device) {

@@ -1,0 +1,260 @@
+//! The fused ops on the CPU backends' own tensors (Flex and NdArray): borrow each input's `f32`
+//! buffer (copying only a strided view), run the kernel, wrap the new buffer as a tensor of the
+//! right shape. [`Host`] is all that differs between the two backends.
+
+#![allow(deprecated)] // NdArray is deprecated in favour of Flex, but kiln still offers it
+
+use std::borrow::Cow;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Flex, NdArray, TensorMetadata};
+use burn::tensor::{Shape, TensorData};
+
+use super::{FusedOps, attention, kernels, linear};
+
+/// A CPU backend whose `f32` tensors the kernels read as slices and build from vectors.
+pub trait Host: FusedOps {
+    /// The tensor's values in row-major order, borrowed when it is contiguous.
+    fn values(t: &FloatTensor<Self>) -> Cow<'_, [f32]>;
+    /// A tensor of `shape` holding `values`.
+    fn tensor(values: Vec<f32>, shape: Shape) -> FloatTensor<Self>;
+    /// The tensors after `update` changed their values in place (in private copies where a
+    /// buffer is shared or strided).
+    fn update<const N: usize>(ts: [FloatTensor<Self>; N], update: impl FnOnce([&mut [f32]; N])) -> [FloatTensor<Self>; N];
+}
+
+impl Host for Flex {
+    fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+        match t.as_slice::<f32>() {
+            Some(v) => Cow::Borrowed(v),
+            None => Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("a contiguous f32 tensor").to_vec()),
+        }
+    }
+
+    fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn update<const N: usize>(ts: [FlexTensor; N], update: impl FnOnce([&mut [f32]; N])) -> [FlexTensor; N] {
+        // Only a buffer that holds exactly the elements in order can be changed in place
+        // (`storage_mut` still copies it first if another tensor shares it).
+        let mut ts = ts.map(|t| {
+            let exact = t.as_slice::<f32>().is_some_and(|v| v.len() * 4 == t.bytes().len());
+            if exact { t } else { t.to_contiguous() }
+        });
+        update(ts.each_mut().map(|t| t.storage_mut::<f32>()));
+        ts
+    }
+}
+
+impl Host for NdArray {
+    fn values(t: &NdArrayTensor) -> Cow<'_, [f32]> {
+        let NdArrayTensor::F32(storage) = t else { panic!("the fused kernels take f32 tensors, not {:?}", t.dtype()) };
+        let view = storage.view();
+        match view.to_slice() {
+            Some(v) => Cow::Borrowed(v),
+            None => Cow::Owned(storage.view().iter().copied().collect()),
+        }
+    }
+
+    fn tensor(values: Vec<f32>, shape: Shape) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn update<const N: usize>(ts: [NdArrayTensor; N], update: impl FnOnce([&mut [f32]; N])) -> [NdArrayTensor; N] {
+        fn array(t: &mut NdArrayTensor) -> &mut burn::backend::ndarray::SharedArray<f32> {
+            match t {
+                NdArrayTensor::F32(storage) => storage.ensure_owned(),
+                other => panic!("the fused kernels take f32 tensors, not {:?}", other.dtype()),
+            }
+        }
+        let mut ts = ts.map(|mut t| {
+            let a = array(&mut t);
+            if !a.is_standard_layout() {
+                *a = a.as_standard_layout().into_owned().into_shared();
+            }
+            t
+        });
+        // `as_slice_mut` copies a buffer first if another tensor shares it.
+        update(ts.each_mut().map(|t| array(t).as_slice_mut().expect("a standard-layout array")));
+        ts
+    }
+}
+
+/// Size of the last dimension and the number of rows before it.
+fn rows(shape: &Shape) -> (usize, usize) {
+    let last = shape[shape.num_dims() - 1];
+    (shape.num_elements() / last.max(1), last)
+}
+
+pub(super) fn rms_norm_forward<B: Host>(x: &FloatTensor<B>, weight: &FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let (n, _) = rows(&shape);
+    let mut y = vec![0.0; shape.num_elements()];
+    let mut inv_rms = vec![0.0; n];
+    kernels::rms_norm(&B::values(x), &B::values(weight), eps as f32, &mut y, &mut inv_rms);
+    (B::tensor(y, shape), B::tensor(inv_rms, Shape::new([n])))
+}
+
+pub(super) fn rms_norm_backward<B: Host>(gy: &FloatTensor<B>, x: &FloatTensor<B>, weight: &FloatTensor<B>, inv_rms: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let mut gx = vec![0.0; shape.num_elements()];
+    let gw = kernels::rms_norm_backward(&B::values(gy), &B::values(x), &B::values(weight), &B::values(inv_rms), &mut gx);
+    (B::tensor(gx, shape), B::tensor(gw, weight.shape()))
+}
+
+pub(super) fn swiglu_backward<B: Host>(gh: &FloatTensor<B>, gate: &FloatTensor<B>, up: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = gate.shape();
+    let (mut d_gate, mut d_up) = (vec![0.0; shape.num_elements()], vec![0.0; shape.num_elements()]);
+    kernels::swiglu_backward(&B::values(gh), &B::values(gate), &B::values(up), &mut d_gate, &mut d_up);
+    (B::tensor(d_gate, shape.clone()), B::tensor(d_up, shape))
+}
+
+/// `(queries, keys)`: the last two dimensions of attention scores.
+fn score_dims(shape: &Shape) -> (usize, usize) {
+    let d = shape.num_dims();
+    let (queries, keys) = (shape[d - 2], shape[d - 1]);
+    assert!(queries <= keys, "causal softmax over {queries} queries but only {keys} keys");
+    (queries, keys)
+}
+
+pub(super) fn causal_softmax_backward<B: Host>(gp: &FloatTensor<B>, probs: &FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+    let shape = probs.shape();
+    let (queries, keys) = score_dims(&shape);
+    let mut gs = vec![0.0; shape.num_elements()];
+    kernels::causal_softmax_backward(&B::values(gp), &B::values(probs), queries, keys, scale as f32, &mut gs);
+    B::tensor(gs, shape)
+}
+
+/// `x` is `[batch, positions, heads, head_dim]`, the tables `[positions, head_dim]`.
+pub(super) fn rotary<B: Host>(x: &FloatTensor<B>, cos: &FloatTensor<B>, sin: &FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (heads, head_dim) = (shape[2], shape[3]);
+    let mut y = vec![0.0; shape.num_elements()];
+    kernels::rotary(&B::values(x), &B::values(cos), &B::values(sin), heads, head_dim, inverse, &mut y);
+    B::tensor(y, shape)
+}
+
+/// Sizes of attention over queries `[batch, queries, heads, head_dim]` and keys/values
+/// `[batch, keys, kv_heads, head_dim]`.
+fn attention_dims<B: Host>(q: &FloatTensor<B>, k: &FloatTensor<B>, v: &FloatTensor<B>) -> attention::Dims {
+    let (qs, ks) = (q.shape(), k.shape());
+    assert!(qs.num_dims() == 4 && ks.num_dims() == 4, "attention takes [batch, seq, heads, head_dim] tensors");
+    assert_eq!(ks, v.shape(), "keys and values differ in shape");
+    assert!(qs[0] == ks[0] && qs[3] == ks[3], "queries {qs:?} and keys {ks:?} do not match");
+    attention::Dims { batch: qs[0], queries: qs[1], keys: ks[1], heads: qs[2], kv_heads: ks[2], head_dim: qs[3] }
+}
+
+/// The attention output and the probabilities the backward pass needs.
+pub(super) fn attention_forward<B: Host>(q: &FloatTensor<B>, k: &FloatTensor<B>, v: &FloatTensor<B>, scale: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+    let dims = attention_dims::<B>(q, k, v);
+    let (out, probs) = attention::forward(&B::values(q), &B::values(k), &B::values(v), dims, scale as f32);
+    let probs_shape = Shape::new([dims.batch, dims.heads, dims.queries, dims.keys]);
+    (B::tensor(out, q.shape()), B::tensor(probs, probs_shape))
+}
+
+pub(super) fn attention_backward<B: Host>(
+    gout: &FloatTensor<B>,
+    q: &FloatTensor<B>,
+    k: &FloatTensor<B>,
+    v: &FloatTensor<B>,
+    probs: &FloatTensor<B>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let dims = attention_dims::<B>(q, k, v);
+    let (dq, dk, dv) = attention::backward(&B::values(gout), &B::values(q), &B::values(k), &B::values(v), &B::values(probs), dims, scale as f32);
+    (B::tensor(dq, q.shape()), B::tensor(dk, k.shape()), B::tensor(dv, v.shape()))
+}
+
+/// Sizes of `x` `[tokens, d_in]` times `w` `[d_in, d_out]`.
+pub(super) fn linear_dims<B: Host>(x: &FloatTensor<B>, w: &FloatTensor<B>) -> linear::Dims {
+    let (xs, ws) = (x.shape(), w.shape());
+    assert!(xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0], "linear of {xs:?} by {ws:?}");
+    linear::Dims { tokens: xs[0], d_in: ws[0], d_out: ws[1] }
+}
+
+pub(super) fn linear_input_grad<B: Host>(gy: &FloatTensor<B>, w: &FloatTensor<B>, dims: linear::Dims) -> FloatTensor<B> {
+    B::tensor(linear::input_grad(&B::values(gy), &B::values(w), dims), Shape::new([dims.tokens, dims.d_in]))
+}
+
+pub(super) fn linear_weight_grad<B: Host>(x: &FloatTensor<B>, gy: &FloatTensor<B>, dims: linear::Dims) -> FloatTensor<B> {
+    B::tensor(linear::weight_grad(&B::values(x), &B::values(gy), dims), Shape::new([dims.d_in, dims.d_out]))
+}
+
+fn swiglu<B: Host>(gate: &FloatTensor<B>, up: &FloatTensor<B>) -> FloatTensor<B> {
+    let shape = gate.shape();
+    let mut out = vec![0.0; shape.num_elements()];
+    kernels::swiglu(&B::values(gate), &B::values(up), &mut out);
+    B::tensor(out, shape)
+}
+
+fn causal_softmax<B: Host>(scores: &FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+    let shape = scores.shape();
+    let (queries, keys) = score_dims(&shape);
+    let mut out = vec![0.0; shape.num_elements()];
+    kernels::causal_softmax(&B::values(scores), queries, keys, scale as f32, &mut out);
+    B::tensor(out, shape)
+}
+
+fn linear_forward<B: Host>(x: &FloatTensor<B>, weight: &FloatTensor<B>) -> FloatTensor<B> {
+    let dims = linear_dims::<B>(x, weight);
+    B::tensor(linear::forward(&B::values(x), &B::values(weight), dims), Shape::new([dims.tokens, dims.d_out]))
+}
+
+fn adamw<B: Host>(
+    param: FloatTensor<B>,
+    grad: &FloatTensor<B>,
+    exp_avg: FloatTensor<B>,
+    exp_avg_sq: FloatTensor<B>,
+    step: &kernels::AdamWStep,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let grad = B::values(grad);
+    let [p, m, v] = B::update([param, exp_avg, exp_avg_sq], |[p, m, v]| kernels::adamw(p, &grad, m, v, step));
+    (p, m, v)
+}
+
+/// The fused ops on a [`Host`] backend: the same kernels on both.
+macro_rules! host_fused_ops {
+    ($backend:ty) => {
+        impl FusedOps for $backend {
+            fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+                linear_forward::<Self>(&x, &weight)
+            }
+
+            fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+                attention_forward::<Self>(&q, &k, &v, scale).0
+            }
+
+            fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+                rms_norm_forward::<Self>(&x, &weight, eps).0
+            }
+
+            fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+                swiglu::<Self>(&gate, &up)
+            }
+
+            fn causal_softmax(scores: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+                causal_softmax::<Self>(&scores, scale)
+            }
+
+            fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+                rotary::<Self>(&x, &cos, &sin, false)
+            }
+
+            fn adamw(
+                param: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                exp_avg: FloatTensor<Self>,
+                exp_avg_sq: FloatTensor<Self>,
+                step: kernels::AdamWStep,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                adamw::<Self>(param, &grad, exp_avg, exp_avg_sq, &step)
+            }
+        }
+    };
+}
+
+host_fused_ops!(Flex);
+host_fused_ops!(NdArray);
