@@ -231,38 +231,52 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     learner.train_step(&batch)?; // creates the optimizer moments
     let params = learner.shape.num_params();
     let policy = learner.checkpoints.policy().clone();
-    let ck_dir = dir.path().join("ck");
-    let mut manager = CheckpointManager::open(&ck_dir, policy, Arc::new(LocalFs), false)?;
-    let files = |name: &str| [ck_dir.join(format!("{name}.safetensors")), ck_dir.join(format!("{name}.optim.safetensors"))];
+    let files = |ck_dir: &Path| ["checkpoint_latest.safetensors", "checkpoint_latest.optim.safetensors"].map(|f| ck_dir.join(f));
     let device = Device::flex();
     let mut model = LlamaForCausalLM::init(&learner.shape, 0.02, 0.0, 0, &device);
 
     let (mut save, mut raw, mut py_save, mut load, mut py_load, mut peak) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut bytes = 0u64;
-    for _ in 0..reps {
+    // The checkpoint's size, known after the first save (which always comes first).
+    let mut size_hint = 0u64;
+    for rep in 0..reps {
+        // A fresh directory each time, as the raw write gets a fresh file: replacing the previous
+        // checkpoint would add freeing its 1.2 GB to the timed save.
+        let ck_dir = dir.path().join(format!("ck{rep}"));
+        let mut manager = CheckpointManager::open(&ck_dir, policy.clone(), Arc::new(LocalFs), false)?;
+        // Which write goes first alternates: this VM's disk absorbs a burst quickly and then
+        // slows down, which would otherwise favour whichever always runs first.
+        if rep % 2 == 1 {
+            raw.push(raw_write(&dir.path().join("raw.bin"), size_hint)?);
+        }
         reset_peak_memory();
         let (_, rss_before) = memory();
         let start = Instant::now();
         manager.save(vec![Kind::Latest], learner.snapshot())?;
         save.push(start.elapsed().as_secs_f64());
         let (hwm, _) = memory();
-        bytes = files("checkpoint_latest").iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+        bytes = files(&ck_dir).iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+        size_hint = bytes;
         peak.push(hwm.saturating_sub(rss_before) as f64 / bytes as f64 * 100.0);
 
-        raw.push(raw_write(&dir.path().join("raw.bin"), bytes)?);
+        if rep % 2 == 0 {
+            raw.push(raw_write(&dir.path().join("raw.bin"), bytes)?);
+        }
 
-        let names: Vec<String> = files("checkpoint_latest").iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = files(&ck_dir).iter().map(|p| p.display().to_string()).collect();
         let mut args = vec!["save".to_string(), "--files".into()];
         args.extend(names.clone());
         args.extend(["--out".into(), dir.path().join("torch.safetensors").display().to_string()]);
         py_save.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
 
-        let (secs, m) = kiln_load(&files("checkpoint_latest")[0], model, &device)?;
+        let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &device)?;
         model = m;
         load.push(secs);
         let mut args = vec!["load".to_string(), "--files".into()];
         args.extend(names);
         py_load.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
+        drop(manager);
+        std::fs::remove_dir_all(&ck_dir)?;
         eprintln!(
             "bench: checkpoint: save {:.2}s raw {:.2}s py {:.2}s | load {:.2}s py {:.2}s | peak +{:.1}%",
             save.last().unwrap(), raw.last().unwrap(), py_save.last().unwrap(), load.last().unwrap(), py_load.last().unwrap(), peak.last().unwrap()

@@ -167,18 +167,30 @@ impl SaveJob {
             weights_metadata,
         } = self.snapshot;
 
-        // The tensor files are written once and hard-linked under every further name.
-        let (weights_tmp, weights_digest) = write_temp(storage, &first_paths.weights, |w| {
-            write_to(w, &weights_metadata, weights)
-        })
-        .with_context(|| format!("cannot write {}", first_paths.weights.display()))?;
+        // The tensor files are written once and hard-linked under every further name. The two
+        // are written at the same time: each is copied off the device and hashed on its own
+        // core while the disk takes the other's pages.
         let optim_metadata = [("format".to_string(), "kiln-optimizer".to_string())].into();
-        let optim_tmp = write_temp(storage, &first_paths.optim, |w| write_to(w, &optim_metadata, optim));
-        let (optim_tmp, optim_digest) = match optim_tmp {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = storage.remove(&weights_tmp);
-                return Err(e).with_context(|| format!("cannot write {}", first_paths.optim.display()));
+        let (weights_tmp, optim_tmp) = std::thread::scope(|s| {
+            let optim = s.spawn(|| write_temp(storage, &first_paths.optim, |w| write_to(w, &optim_metadata, optim)));
+            let weights = write_temp(storage, &first_paths.weights, |w| write_to(w, &weights_metadata, weights));
+            (weights, optim.join().expect("the optimizer-state writer panicked"))
+        });
+        let (weights_tmp, weights_digest, optim_tmp, optim_digest) = match (weights_tmp, optim_tmp) {
+            (Ok((w, wd)), Ok((o, od))) => (w, wd, o, od),
+            (weights, optim) => {
+                // Remove whichever temporary file was completed; report the first failure.
+                if let Ok((tmp, _)) = &weights {
+                    let _ = storage.remove(tmp);
+                }
+                if let Ok((tmp, _)) = &optim {
+                    let _ = storage.remove(tmp);
+                }
+                return Err(match (weights, optim) {
+                    (Err(e), _) => anyhow::Error::new(e).context(format!("cannot write {}", first_paths.weights.display())),
+                    (_, Err(e)) => anyhow::Error::new(e).context(format!("cannot write {}", first_paths.optim.display())),
+                    _ => unreachable!("one of the two writes failed"),
+                });
             }
         };
 
