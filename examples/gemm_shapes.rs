@@ -2,7 +2,7 @@
 //! call) on the three products of a linear layer over 2,048 tokens, with the small training
 //! shape's layer sizes. It is how kiln chose to split the weight gradient over token slices:
 //!
-//!     cargo run --release --example gemm_shapes
+//!     cargo run --release --features wgpu --example gemm_shapes
 //!
 //! Columns (GFLOP/s, all threads of the machine): `forward` is `x W`, `input grad` `dy W^T`,
 //! `weight grad, one product` `x^T dy` as Burn computes it, `weight grad, token slices` the
