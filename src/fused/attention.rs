@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::kernels::exp;
-use super::matmul::{Buf, View, matmul};
+use super::matmul::{Buf, View, filled_many, matmul};
 
 /// Query rows per block: the causal mask lets a block skip the keys after its last query.
 const BLOCK: usize = 64;
@@ -81,34 +81,32 @@ fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
     dims.check(q.len(), k.len());
     assert_eq!(k.len(), v.len(), "keys and values differ in size");
-    let (out_len, probs_len) = (q.len(), dims.batch * dims.heads * dims.queries * dims.keys);
-    let (mut out, mut probs) = (Vec::with_capacity(out_len), Vec::with_capacity(probs_len));
-    let (out_buf, probs_buf) = (Buf::spare(&mut out, out_len), Buf::spare(&mut probs, probs_len));
+    let lens = [q.len(), dims.batch * dims.heads * dims.queries * dims.keys];
     let (q, k, v) = (Buf::of(q), Buf::of(k), Buf::of(v));
     let d = dims.head_dim;
-    (0..dims.batch * dims.heads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / dims.heads, task % dims.heads);
-        let (qv, kv, pv) = (dims.query(b, h), dims.key(b, h / dims.group()), dims.probs(b, h));
-        for (start, end) in blocks(dims.queries) {
-            let (rows, keys) = (end - start, dims.visible(end));
-            let p = pv.block(start, 0, rows, keys);
-            // SAFETY: this task alone writes head `h` of sequence `b` in both outputs, and the
-            // product writes each probability block before the softmax and `p v` read it.
-            unsafe {
-                matmul(probs_buf, p, q, qv.block(start, 0, rows, d), k, kv.block(0, 0, keys, d).t(), scale, false);
-                let p_rows = probs_buf.slice_mut(p.offset, rows * dims.keys);
-                for (i, row) in p_rows.chunks_exact_mut(dims.keys).enumerate() {
-                    softmax_in_place(row, start + i + dims.past() + 1);
+    let fill = |[out_buf, probs_buf]: [Buf; 2]| {
+        (0..dims.batch * dims.heads).into_par_iter().for_each(|task| {
+            let (b, h) = (task / dims.heads, task % dims.heads);
+            let (qv, kv, pv) = (dims.query(b, h), dims.key(b, h / dims.group()), dims.probs(b, h));
+            for (start, end) in blocks(dims.queries) {
+                let (rows, keys) = (end - start, dims.visible(end));
+                let p = pv.block(start, 0, rows, keys);
+                // SAFETY: this task alone writes head `h` of sequence `b` in both outputs, and the
+                // product writes each probability block before the softmax and `p v` read it.
+                unsafe {
+                    matmul(probs_buf, p, q, qv.block(start, 0, rows, d), k, kv.block(0, 0, keys, d).t(), scale, false);
+                    let p_rows = probs_buf.slice_mut(p.offset, rows * dims.keys);
+                    for (i, row) in p_rows.chunks_exact_mut(dims.keys).enumerate() {
+                        softmax_in_place(row, start + i + dims.past() + 1);
+                    }
+                    matmul(out_buf, qv.block(start, 0, rows, d), probs_buf, p, v, kv.block(0, 0, keys, d), 1.0, false);
                 }
-                matmul(out_buf, qv.block(start, 0, rows, d), probs_buf, p, v, kv.block(0, 0, keys, d), 1.0, false);
             }
-        }
-    });
-    // SAFETY: the tasks above wrote every element of both buffers.
-    unsafe {
-        out.set_len(out_len);
-        probs.set_len(probs_len);
-    }
+        });
+    };
+    // SAFETY: every (sequence, head) task writes all of its output rows and probability rows,
+    // and the tasks cover every pair.
+    let [out, probs] = unsafe { filled_many(lens, fill) };
     (out, probs)
 }
 
@@ -132,60 +130,57 @@ pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], di
     dims.check(q.len(), k.len());
     assert!(gout.len() == q.len() && v.len() == k.len(), "attention gradient inputs differ in size");
     assert_eq!(probs.len(), dims.batch * dims.heads * dims.queries * dims.keys, "probabilities have the wrong size");
-    let (mut dq, mut dk, mut dv) = (Vec::with_capacity(q.len()), Vec::with_capacity(k.len()), Vec::with_capacity(v.len()));
-    let (dq_buf, dk_buf, dv_buf) = (Buf::spare(&mut dq, q.len()), Buf::spare(&mut dk, k.len()), Buf::spare(&mut dv, v.len()));
-    let (q_len, k_len) = (q.len(), k.len());
+    let lens = [q.len(), k.len(), v.len()];
     let (gout, q, k, v, probs_buf) = (Buf::of(gout), Buf::of(q), Buf::of(k), Buf::of(v), Buf::of(probs));
     let d = dims.head_dim;
     let dsv = View::rows(0, dims.queries, dims.keys, dims.keys);
-    (0..dims.batch * dims.kv_heads).into_par_iter().for_each_init(
-        || vec![0.0f32; dims.queries * dims.keys],
-        |scratch, task| {
-            let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
-            let kv = dims.key(b, g);
-            let ds = Buf::of_mut(scratch);
-            for (i, h) in (g * dims.group()..(g + 1) * dims.group()).enumerate() {
-                let (qv, pv) = (dims.query(b, h), dims.probs(b, h));
-                // SAFETY: this task alone writes key/value head `g` of sequence `b` in dk and
-                // dv, the query heads of that group in dq, and its own scratch `ds`.
-                unsafe {
-                    for (start, end) in blocks(dims.queries) {
-                        let (rows, keys) = (end - start, dims.visible(end));
-                        // dP = dO v^T, then dS = scale * P * (dP - rowsum(P * dP)), in place.
-                        let block = dsv.block(start, 0, rows, keys);
-                        matmul(ds, block, gout, qv.block(start, 0, rows, d), v, kv.block(0, 0, keys, d).t(), 1.0, false);
-                        let p_rows = &probs[pv.offset + start * dims.keys..pv.offset + end * dims.keys];
-                        let ds_rows = ds.slice_mut(start * dims.keys, rows * dims.keys);
-                        for (r, (row, p)) in ds_rows.chunks_exact_mut(dims.keys).zip(p_rows.chunks_exact(dims.keys)).enumerate() {
-                            let visible = start + r + dims.past() + 1;
-                            let dot = row[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
-                            for (s, &p) in row[..visible].iter_mut().zip(&p[..visible]) {
-                                *s = scale * p * (*s - dot);
+    let fill = |[dq_buf, dk_buf, dv_buf]: [Buf; 3]| {
+        (0..dims.batch * dims.kv_heads).into_par_iter().for_each_init(
+            || vec![0.0f32; dims.queries * dims.keys],
+            |scratch, task| {
+                let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
+                let kv = dims.key(b, g);
+                let ds = Buf::of_mut(scratch);
+                for (i, h) in (g * dims.group()..(g + 1) * dims.group()).enumerate() {
+                    let (qv, pv) = (dims.query(b, h), dims.probs(b, h));
+                    // SAFETY: this task alone writes key/value head `g` of sequence `b` in dk and
+                    // dv, the query heads of that group in dq, and its own scratch `ds`.
+                    unsafe {
+                        for (start, end) in blocks(dims.queries) {
+                            let (rows, keys) = (end - start, dims.visible(end));
+                            // dP = dO v^T, then dS = scale * P * (dP - rowsum(P * dP)), in place.
+                            let block = dsv.block(start, 0, rows, keys);
+                            matmul(ds, block, gout, qv.block(start, 0, rows, d), v, kv.block(0, 0, keys, d).t(), 1.0, false);
+                            let p_rows = &probs[pv.offset + start * dims.keys..pv.offset + end * dims.keys];
+                            let ds_rows = ds.slice_mut(start * dims.keys, rows * dims.keys);
+                            for (r, (row, p)) in ds_rows.chunks_exact_mut(dims.keys).zip(p_rows.chunks_exact(dims.keys)).enumerate() {
+                                let visible = start + r + dims.past() + 1;
+                                let dot = row[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
+                                for (s, &p) in row[..visible].iter_mut().zip(&p[..visible]) {
+                                    *s = scale * p * (*s - dot);
+                                }
+                                row[visible..].fill(0.0);
                             }
-                            row[visible..].fill(0.0);
+                            // dQ = dS k over the visible keys.
+                            matmul(dq_buf, qv.block(start, 0, rows, d), ds, block, k, kv.block(0, 0, keys, d), 1.0, false);
                         }
-                        // dQ = dS k over the visible keys.
-                        matmul(dq_buf, qv.block(start, 0, rows, d), ds, block, k, kv.block(0, 0, keys, d), 1.0, false);
-                    }
-                    // dV += P^T dO and dK += dS^T q, each key block over the queries that see
-                    // it; the group's first head writes, the others add.
-                    for (start, end) in blocks(dims.keys) {
-                        let from = start.saturating_sub(dims.past()).min(dims.queries);
-                        let (rows, queries) = (end - start, dims.queries - from);
-                        let dst = kv.block(start, 0, rows, d);
-                        let rhs_q = qv.block(from, 0, queries, d);
-                        matmul(dv_buf, dst, probs_buf, pv.t().block(start, from, rows, queries), gout, rhs_q, 1.0, i > 0);
-                        matmul(dk_buf, dst, ds, dsv.t().block(start, from, rows, queries), q, rhs_q, 1.0, i > 0);
+                        // dV += P^T dO and dK += dS^T q, each key block over the queries that see
+                        // it; the group's first head writes, the others add.
+                        for (start, end) in blocks(dims.keys) {
+                            let from = start.saturating_sub(dims.past()).min(dims.queries);
+                            let (rows, queries) = (end - start, dims.queries - from);
+                            let dst = kv.block(start, 0, rows, d);
+                            let rhs_q = qv.block(from, 0, queries, d);
+                            matmul(dv_buf, dst, probs_buf, pv.t().block(start, from, rows, queries), gout, rhs_q, 1.0, i > 0);
+                            matmul(dk_buf, dst, ds, dsv.t().block(start, from, rows, queries), q, rhs_q, 1.0, i > 0);
+                        }
                     }
                 }
-            }
-        },
-    );
-    // SAFETY: the tasks above wrote every element of the three buffers.
-    unsafe {
-        dq.set_len(q_len);
-        dk.set_len(k_len);
-        dv.set_len(k_len);
-    }
+            },
+        );
+    };
+    // SAFETY: every (sequence, key/value head) task writes all rows of its head in dk and dv and
+    // of its group's query heads in dq, and the tasks cover every pair.
+    let [dq, dk, dv] = unsafe { filled_many(lens, fill) };
     (dq, dk, dv)
 }

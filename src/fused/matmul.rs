@@ -64,8 +64,8 @@ impl Buf {
     }
 
     /// The first `len` elements of `buf`'s spare capacity: the caller writes every one of them
-    /// before it calls `buf.set_len(len)`.
-    pub fn spare(buf: &mut Vec<f32>, len: usize) -> Self {
+    /// before it calls `buf.set_len(len)` (see [`filled_many`]).
+    fn spare(buf: &mut Vec<f32>, len: usize) -> Self {
         assert!(buf.is_empty() && buf.capacity() >= len);
         Self { ptr: buf.spare_capacity_mut().as_mut_ptr().cast(), len }
     }
@@ -80,15 +80,27 @@ impl Buf {
     }
 }
 
-/// A new buffer of `len` elements that `fill` writes completely (never reads).
+/// New buffers of the lengths in `lens` that `fill` writes completely (never reads), so they
+/// are never cleared first.
+///
+/// # Safety
+/// `fill` must write every element of every buffer.
+pub unsafe fn filled_many<const N: usize>(lens: [usize; N], fill: impl FnOnce([Buf; N])) -> [Vec<f32>; N] {
+    let mut bufs: [Vec<f32>; N] = lens.map(Vec::with_capacity);
+    fill(std::array::from_fn(|i| Buf::spare(&mut bufs[i], lens[i])));
+    for (buf, len) in bufs.iter_mut().zip(lens) {
+        // SAFETY: `fill` wrote all `len` elements (the caller's promise).
+        unsafe { buf.set_len(len) };
+    }
+    bufs
+}
+
+/// [`filled_many`] for one buffer.
 ///
 /// # Safety
 /// `fill` must write every element.
 pub unsafe fn filled(len: usize, fill: impl FnOnce(Buf)) -> Vec<f32> {
-    let mut buf = Vec::with_capacity(len);
-    fill(Buf::spare(&mut buf, len));
-    // SAFETY: `fill` wrote all `len` elements (the caller's promise).
-    unsafe { buf.set_len(len) };
+    let [buf] = unsafe { filled_many([len], |[buf]| fill(buf)) };
     buf
 }
 
