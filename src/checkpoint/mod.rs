@@ -171,26 +171,21 @@ impl SaveJob {
         // are written at the same time: each is copied off the device and hashed on its own
         // core while the disk takes the other's pages.
         let optim_metadata = [("format".to_string(), "kiln-optimizer".to_string())].into();
-        let (weights_tmp, optim_tmp) = std::thread::scope(|s| {
+        let (weights_written, optim_written) = std::thread::scope(|s| {
             let optim = s.spawn(|| write_temp(storage, &first_paths.optim, |w| write_to(w, &optim_metadata, optim)));
             let weights = write_temp(storage, &first_paths.weights, |w| write_to(w, &weights_metadata, weights));
             (weights, optim.join().expect("the optimizer-state writer panicked"))
         });
-        let (weights_tmp, weights_digest, optim_tmp, optim_digest) = match (weights_tmp, optim_tmp) {
-            (Ok((w, wd)), Ok((o, od))) => (w, wd, o, od),
+        let weights = weights_written.with_context(|| format!("cannot write {}", first_paths.weights.display()));
+        let optim = optim_written.with_context(|| format!("cannot write {}", first_paths.optim.display()));
+        let ((weights_tmp, weights_digest), (optim_tmp, optim_digest)) = match (weights, optim) {
+            (Ok(w), Ok(o)) => (w, o),
             (weights, optim) => {
                 // Remove whichever temporary file was completed; report the first failure.
-                if let Ok((tmp, _)) = &weights {
+                for (tmp, _) in weights.iter().chain(optim.iter()) {
                     let _ = storage.remove(tmp);
                 }
-                if let Ok((tmp, _)) = &optim {
-                    let _ = storage.remove(tmp);
-                }
-                return Err(match (weights, optim) {
-                    (Err(e), _) => anyhow::Error::new(e).context(format!("cannot write {}", first_paths.weights.display())),
-                    (_, Err(e)) => anyhow::Error::new(e).context(format!("cannot write {}", first_paths.optim.display())),
-                    _ => unreachable!("one of the two writes failed"),
-                });
+                return Err(weights.and(optim).expect_err("one of the two writes failed"));
             }
         };
 
