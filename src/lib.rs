@@ -5,7 +5,7 @@
 //! - run set-up: `config` (the TOML run config), `backend` (device selection), `cli`;
 //! - data: `tokenizer`, `data` (splits and batch order);
 //! - the network: `model` (Llama), `params` (parameters by Hugging Face name), `fused`
-//!   (fused CPU kernels with hand-written backward passes, used on Flex);
+//!   (fused CPU kernels with hand-written backward passes, used on Flex and ndarray);
 //! - training: `train` (the `Learner` loop), `optim` (AdamW and clipping), `schedule`
 //!   (learning rate), `ema`, `metrics`, `plot`;
 //! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),

@@ -333,8 +333,8 @@ fn shifted_causal_mask(s: usize, past: usize, device: &Device) -> Tensor<4, burn
     Tensor::from_data(TensorData::new(data, [1, 1, s, total]), device)
 }
 
-/// `layer` applied to rows of `x`; on Flex through the fused product (Burn's `Linear` otherwise,
-/// and for layers with a bias, which kiln's Llama never has).
+/// `layer` applied to rows of `x`; on the CPU backends through the fused product (Burn's
+/// `Linear` otherwise, and for layers with a bias, which kiln's Llama never has).
 fn project(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
     if layer.bias.is_none() && fused::available(&x.device(), x.dtype()) {
         return fused::linear(x, layer.weight.val());
