@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::exp;
+use super::kernels::{softmax_backward_rows, softmax_rows};
 use super::matmul::{Buf, View, filled_many, matmul};
 
 /// Query rows per block: the causal mask lets a block skip the keys after its last query.
@@ -96,9 +96,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
                 unsafe {
                     matmul(probs_buf, p, q, qv.block(start, 0, rows, d), k, kv.block(0, 0, keys, d).t(), scale, false);
                     let p_rows = probs_buf.slice_mut(p.offset, rows * dims.keys);
-                    for (i, row) in p_rows.chunks_exact_mut(dims.keys).enumerate() {
-                        softmax_in_place(row, start + i + dims.past() + 1);
-                    }
+                    softmax_rows(p_rows, dims.keys, |i| start + i + dims.past() + 1);
                     matmul(out_buf, qv.block(start, 0, rows, d), probs_buf, p, v, kv.block(0, 0, keys, d), 1.0, false);
                 }
             }
@@ -108,20 +106,6 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
     // and the tasks cover every pair.
     let [out, probs] = unsafe { filled_many(lens, fill) };
     (out, probs)
-}
-
-/// Softmax over the first `visible` scores of a row (already scaled); the rest become 0.
-fn softmax_in_place(row: &mut [f32], visible: usize) {
-    let (seen, hidden) = row.split_at_mut(visible);
-    let max = seen.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0.0f32;
-    for s in seen.iter_mut() {
-        *s = exp(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    seen.iter_mut().for_each(|s| *s *= inv);
-    hidden.fill(0.0);
 }
 
 /// Gradients of [`forward`] with respect to `q`, `k` and `v`, from the output gradient `gout`
@@ -153,14 +137,7 @@ pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], di
                             matmul(ds, block, gout, qv.block(start, 0, rows, d), v, kv.block(0, 0, keys, d).t(), 1.0, false);
                             let p_rows = &probs[pv.offset + start * dims.keys..pv.offset + end * dims.keys];
                             let ds_rows = ds.slice_mut(start * dims.keys, rows * dims.keys);
-                            for (r, (row, p)) in ds_rows.chunks_exact_mut(dims.keys).zip(p_rows.chunks_exact(dims.keys)).enumerate() {
-                                let visible = start + r + dims.past() + 1;
-                                let dot = row[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
-                                for (s, &p) in row[..visible].iter_mut().zip(&p[..visible]) {
-                                    *s = scale * p * (*s - dot);
-                                }
-                                row[visible..].fill(0.0);
-                            }
+                            softmax_backward_rows(ds_rows, p_rows, dims.keys, scale, |r| start + r + dims.past() + 1);
                             // dQ = dS k over the visible keys.
                             matmul(dq_buf, qv.block(start, 0, rows, d), ds, block, k, kv.block(0, 0, keys, d), 1.0, false);
                         }

@@ -12,6 +12,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Flex, NdArray, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
+use super::matmul::{filled, filled_many};
 use super::{FusedOps, attention, kernels, linear};
 
 /// A CPU backend whose `f32` tensors the kernels read as slices and build from vectors.
@@ -92,23 +93,36 @@ fn rows(shape: &Shape) -> (usize, usize) {
 pub(super) fn rms_norm_forward<B: Host>(x: &FloatTensor<B>, weight: &FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
     let shape = x.shape();
     let (n, _) = rows(&shape);
-    let mut y = vec![0.0; shape.num_elements()];
-    let mut inv_rms = vec![0.0; n];
-    kernels::rms_norm(&B::values(x), &B::values(weight), eps as f32, &mut y, &mut inv_rms);
+    // SAFETY: the kernel writes every row of `y` and every row's `inv_rms`.
+    let [y, inv_rms] = unsafe {
+        filled_many([shape.num_elements(), n], |[y, inv_rms]| {
+            kernels::rms_norm(&B::values(x), &B::values(weight), eps as f32, y.whole(), inv_rms.whole())
+        })
+    };
     (B::tensor(y, shape), B::tensor(inv_rms, Shape::new([n])))
 }
 
 pub(super) fn rms_norm_backward<B: Host>(gy: &FloatTensor<B>, x: &FloatTensor<B>, weight: &FloatTensor<B>, inv_rms: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     let shape = x.shape();
-    let mut gx = vec![0.0; shape.num_elements()];
-    let gw = kernels::rms_norm_backward(&B::values(gy), &B::values(x), &B::values(weight), &B::values(inv_rms), &mut gx);
+    let mut gw = Vec::new();
+    // SAFETY: the kernel writes every row of `gx`.
+    let gx = unsafe {
+        filled(shape.num_elements(), |gx| {
+            gw = kernels::rms_norm_backward(&B::values(gy), &B::values(x), &B::values(weight), &B::values(inv_rms), gx.whole())
+        })
+    };
     (B::tensor(gx, shape), B::tensor(gw, weight.shape()))
 }
 
 pub(super) fn swiglu_backward<B: Host>(gh: &FloatTensor<B>, gate: &FloatTensor<B>, up: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     let shape = gate.shape();
-    let (mut d_gate, mut d_up) = (vec![0.0; shape.num_elements()], vec![0.0; shape.num_elements()]);
-    kernels::swiglu_backward(&B::values(gh), &B::values(gate), &B::values(up), &mut d_gate, &mut d_up);
+    let n = shape.num_elements();
+    // SAFETY: the kernel writes every element of both gradients.
+    let [d_gate, d_up] = unsafe {
+        filled_many([n, n], |[d_gate, d_up]| {
+            kernels::swiglu_backward(&B::values(gh), &B::values(gate), &B::values(up), d_gate.whole(), d_up.whole())
+        })
+    };
     (B::tensor(d_gate, shape.clone()), B::tensor(d_up, shape))
 }
 
@@ -123,8 +137,12 @@ fn score_dims(shape: &Shape) -> (usize, usize) {
 pub(super) fn causal_softmax_backward<B: Host>(gp: &FloatTensor<B>, probs: &FloatTensor<B>, scale: f64) -> FloatTensor<B> {
     let shape = probs.shape();
     let (queries, keys) = score_dims(&shape);
-    let mut gs = vec![0.0; shape.num_elements()];
-    kernels::causal_softmax_backward(&B::values(gp), &B::values(probs), queries, keys, scale as f32, &mut gs);
+    // SAFETY: the kernel writes every row of `gs`, masked entries included.
+    let gs = unsafe {
+        filled(shape.num_elements(), |gs| {
+            kernels::causal_softmax_backward(&B::values(gp), &B::values(probs), queries, keys, scale as f32, gs.whole())
+        })
+    };
     B::tensor(gs, shape)
 }
 
@@ -132,8 +150,12 @@ pub(super) fn causal_softmax_backward<B: Host>(gp: &FloatTensor<B>, probs: &Floa
 pub(super) fn rotary<B: Host>(x: &FloatTensor<B>, cos: &FloatTensor<B>, sin: &FloatTensor<B>, inverse: bool) -> FloatTensor<B> {
     let shape = x.shape();
     let (heads, head_dim) = (shape[2], shape[3]);
-    let mut y = vec![0.0; shape.num_elements()];
-    kernels::rotary(&B::values(x), &B::values(cos), &B::values(sin), heads, head_dim, inverse, &mut y);
+    // SAFETY: the kernel writes every row of `y`.
+    let y = unsafe {
+        filled(shape.num_elements(), |y| {
+            kernels::rotary(&B::values(x), &B::values(cos), &B::values(sin), heads, head_dim, inverse, y.whole())
+        })
+    };
     B::tensor(y, shape)
 }
 
@@ -185,16 +207,18 @@ pub(super) fn linear_weight_grad<B: Host>(x: &FloatTensor<B>, gy: &FloatTensor<B
 
 fn swiglu<B: Host>(gate: &FloatTensor<B>, up: &FloatTensor<B>) -> FloatTensor<B> {
     let shape = gate.shape();
-    let mut out = vec![0.0; shape.num_elements()];
-    kernels::swiglu(&B::values(gate), &B::values(up), &mut out);
+    // SAFETY: the kernel writes every element of `out`.
+    let out = unsafe { filled(shape.num_elements(), |out| kernels::swiglu(&B::values(gate), &B::values(up), out.whole())) };
     B::tensor(out, shape)
 }
 
 fn causal_softmax<B: Host>(scores: &FloatTensor<B>, scale: f64) -> FloatTensor<B> {
     let shape = scores.shape();
     let (queries, keys) = score_dims(&shape);
-    let mut out = vec![0.0; shape.num_elements()];
-    kernels::causal_softmax(&B::values(scores), queries, keys, scale as f32, &mut out);
+    // SAFETY: the kernel writes every row of `out`, masked entries included.
+    let out = unsafe {
+        filled(shape.num_elements(), |out| kernels::causal_softmax(&B::values(scores), queries, keys, scale as f32, out.whole()))
+    };
     B::tensor(out, shape)
 }
 

@@ -3,12 +3,78 @@
 //! Work is split into fixed blocks of rows (never "one block per thread"), and every sum runs
 //! in a fixed order inside its block, so results are bit-identical whatever the thread count:
 //! resumed and repeated runs stay bit-exact.
+//!
+//! Each kernel is a parallel split over blocks plus a function for one block, which
+//! [`vectorized!`] compiles for the CPU's widest vector instructions.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
 
 /// Rows handed to one task: enough work to amortise scheduling, small enough to balance.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).clamp(1, 256)
+}
+
+/// Elements handed to one task by the purely element-wise kernels.
+const CHUNK: usize = 16_384;
+
+/// Defines a function whose body is compiled for the widest vector instructions this CPU has
+/// (AVX-512, else AVX2) and picks the right copy at run time, so its loops run 16 or 8 lanes wide
+/// instead of x86-64's baseline 4: the element-wise kernels are compute-bound on `exp` at these
+/// sizes. Rust never fuses a multiply and an add unless asked, so every copy computes
+/// bit-identical results. Everything the body calls must be `#[inline(always)]` to benefit.
+///
+/// [`set_widest_isa`] lowers the widest set it may pick, so tests can check that claim.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if allows(Isa::Avx512) && std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the instructions `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if allows(Isa::Avx2) && std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+/// Vector instruction sets [`vectorized!`] picks from, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// x86-64's baseline (SSE2), or whatever the target has on other architectures.
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+static WIDEST_ALLOWED: AtomicU8 = AtomicU8::new(Isa::Avx512 as u8);
+
+/// Lets the kernels use instruction sets up to `isa` only (they still need the CPU to have
+/// them). Results are the same on every set, so this only changes speed; it is for tests.
+pub fn set_widest_isa(isa: Isa) {
+    WIDEST_ALLOWED.store(isa as u8, Ordering::Relaxed);
+}
+
+#[inline(always)]
+fn allows(isa: Isa) -> bool {
+    WIDEST_ALLOWED.load(Ordering::Relaxed) >= isa as u8
 }
 
 /// `exp(x)` that the compiler can vectorise: `2^n * p(r)` with `x = n ln2 + r`, `|r| <= ln2/2`
@@ -33,6 +99,50 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Lanes of the running sums in [`sum_of`] and [`max_of`]: one AVX-512 register.
+const LANES: usize = 16;
+
+/// `sum of term(i)` for `i in 0..n`, as [`LANES`] interleaved running sums added pairwise at
+/// the end. A single running sum is one long chain of dependent additions that cannot be
+/// vectorised; this order is just as fixed, so results stay deterministic.
+#[inline(always)]
+fn sum_of(n: usize, term: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let full = n - n % LANES;
+    for base in (0..full).step_by(LANES) {
+        for (lane, a) in acc.iter_mut().enumerate() {
+            *a += term(base + lane);
+        }
+    }
+    for (lane, i) in (full..n).enumerate() {
+        acc[lane] += term(i);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for lane in 0..width {
+            acc[lane] += acc[lane + width];
+        }
+    }
+    acc[0]
+}
+
+/// The largest of `values` (`-inf` for none), in [`LANES`] running maxima like [`sum_of`].
+#[inline(always)]
+fn max_of(values: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = a.max(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = a.max(v);
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a))
+}
+
 /// RMSNorm over rows of `weight.len()`: `y = x / sqrt(mean(x^2) + eps) * weight`; also returns
 /// each row's `1 / sqrt(mean(x^2) + eps)` for the backward pass.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
@@ -41,15 +151,20 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mu
     y.par_chunks_mut(block * h)
         .zip(inv_rms.par_chunks_mut(block))
         .zip(x.par_chunks(block * h))
-        .for_each(|((y, inv_rms), x)| {
-            for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms.iter_mut()) {
-                let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                *r = 1.0 / (mean_sq + eps).sqrt();
-                for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
-                    *y = x * *r * w;
-                }
+        .for_each(|((y, inv_rms), x)| rms_norm_rows(x, weight, eps, y, inv_rms));
+}
+
+vectorized! {
+    fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
+        let h = weight.len();
+        for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
+            let mean_sq = sum_of(h, |i| x[i] * x[i]) / h as f32;
+            *r = 1.0 / (mean_sq + eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                *y = x * *r * w;
             }
-        });
+        }
+    }
 }
 
 /// Gradients of [`rms_norm`] with respect to `x` and `weight`, given the output gradient `gy`.
@@ -65,18 +180,26 @@ pub fn rms_norm_backward(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32],
         .zip(inv_rms.par_chunks(block))
         .map(|(((gx, gy), x), inv_rms)| {
             let mut gw = vec![0.0f32; h];
-            for (((gx, gy), x), &r) in gx.chunks_exact_mut(h).zip(gy.chunks_exact(h)).zip(x.chunks_exact(h)).zip(inv_rms) {
-                let dot = gy.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x).sum::<f32>() / h as f32;
-                let c = r * r * dot;
-                for ((((gx, g), w), x), gw) in gx.iter_mut().zip(gy).zip(weight).zip(x).zip(gw.iter_mut()) {
-                    *gx = r * (g * w - x * c);
-                    *gw += g * x * r;
-                }
-            }
+            rms_norm_backward_rows(gy, x, weight, inv_rms, gx, &mut gw);
             gw
         })
         .collect();
     sum_in_order(partial_gw, h)
+}
+
+vectorized! {
+    /// One block of [`rms_norm_backward`]; adds the block's weight gradient into `gw`.
+    fn rms_norm_backward_rows(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut [f32], gw: &mut [f32]) {
+        let h = weight.len();
+        for (((gx, gy), x), &r) in gx.chunks_exact_mut(h).zip(gy.chunks_exact(h)).zip(x.chunks_exact(h)).zip(inv_rms) {
+            let dot = sum_of(h, |i| gy[i] * weight[i] * x[i]) / h as f32;
+            let c = r * r * dot;
+            for ((((gx, g), w), x), gw) in gx.iter_mut().zip(gy).zip(weight).zip(x).zip(gw.iter_mut()) {
+                *gx = r * (g * w - x * c);
+                *gw += g * x * r;
+            }
+        }
+    }
 }
 
 /// Sums equal-length vectors in their given order (a fixed order keeps results deterministic).
@@ -92,32 +215,38 @@ fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// SwiGLU's gate: `silu(gate) * up`, with `silu(g) = g * sigmoid(g)`.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    const CHUNK: usize = 16_384;
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|((out, gate), up)| {
-            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        .for_each(|((out, gate), up)| swiglu_chunk(gate, up, out));
+}
+
+vectorized! {
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
 }
 
 /// Gradients of [`swiglu`]: `d gate = gh * up * s * (1 + g (1 - s))`, `d up = gh * g * s`.
 pub fn swiglu_backward(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
-    const CHUNK: usize = 16_384;
     d_gate
         .par_chunks_mut(CHUNK)
         .zip(d_up.par_chunks_mut(CHUNK))
         .zip(gh.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(((d_gate, d_up), gh), (gate, up))| {
-            for ((((dg, du), &gh), &g), &u) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gh).zip(gate).zip(up) {
-                let s = sigmoid(g);
-                *du = gh * g * s;
-                *dg = gh * u * s * (1.0 + g * (1.0 - s));
-            }
-        });
+        .for_each(|(((d_gate, d_up), gh), (gate, up))| swiglu_backward_chunk(gh, gate, up, d_gate, d_up));
+}
+
+vectorized! {
+    fn swiglu_backward_chunk(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+        for ((((dg, du), &gh), &g), &u) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gh).zip(gate).zip(up) {
+            let s = sigmoid(g);
+            *du = gh * g * s;
+            *dg = gh * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
 }
 
 /// Softmax of `scale * scores` along the last dimension with a causal mask: query `i` of each
@@ -130,20 +259,24 @@ pub fn causal_softmax(scores: &[f32], queries: usize, keys: usize, scale: f32, o
         .zip(scores.par_chunks(block * keys))
         .enumerate()
         .for_each(|(task, (out, scores))| {
-            for (row, (out, scores)) in out.chunks_exact_mut(keys).zip(scores.chunks_exact(keys)).enumerate() {
-                let query = (task * block + row) % queries;
-                let visible = query + past + 1;
-                let max = scores[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) * scale;
-                let mut sum = 0.0f32;
-                for (o, &s) in out[..visible].iter_mut().zip(&scores[..visible]) {
-                    *o = exp(s * scale - max);
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out[..visible].iter_mut().for_each(|o| *o *= inv);
-                out[visible..].fill(0.0);
-            }
+            out.iter_mut().zip(scores).for_each(|(o, s)| *o = s * scale);
+            softmax_rows(out, keys, |row| (task * block + row) % queries + past + 1);
         });
+}
+
+vectorized! {
+    /// Softmax in place over each row of `keys` values in `rows`, row `r` over its first
+    /// `visible(r)` values; the rest become 0.
+    pub fn softmax_rows(rows: &mut [f32], keys: usize, visible: impl Fn(usize) -> usize) {
+        for (r, row) in rows.chunks_exact_mut(keys).enumerate() {
+            let (seen, hidden) = row.split_at_mut(visible(r));
+            let max = max_of(seen);
+            seen.iter_mut().for_each(|s| *s = exp(*s - max));
+            let inv = 1.0 / sum_of(seen.len(), |i| seen[i]);
+            seen.iter_mut().for_each(|s| *s *= inv);
+            hidden.fill(0.0);
+        }
+    }
 }
 
 /// Gradient of [`causal_softmax`] with respect to the scores, from its output `probs` and the
@@ -155,16 +288,25 @@ pub fn causal_softmax_backward(gp: &[f32], probs: &[f32], queries: usize, keys: 
         .zip(gp.par_chunks(block * keys).zip(probs.par_chunks(block * keys)))
         .enumerate()
         .for_each(|(task, (gs, (gp, probs)))| {
-            let rows = gs.chunks_exact_mut(keys).zip(gp.chunks_exact(keys)).zip(probs.chunks_exact(keys));
-            for (row, ((gs, gp), p)) in rows.enumerate() {
-                let visible = (task * block + row) % queries + past + 1;
-                let dot = gp[..visible].iter().zip(&p[..visible]).map(|(g, p)| g * p).sum::<f32>();
-                for ((gs, &g), &p) in gs[..visible].iter_mut().zip(&gp[..visible]).zip(&p[..visible]) {
-                    *gs = scale * p * (g - dot);
-                }
-                gs[visible..].fill(0.0);
-            }
+            gs.copy_from_slice(gp);
+            softmax_backward_rows(gs, probs, keys, scale, |row| (task * block + row) % queries + past + 1);
         });
+}
+
+vectorized! {
+    /// Turns rows of probability gradients into score gradients in place, given the
+    /// probabilities: `scale * p * (g - sum(g * p))` over each row's first `visible(r)` entries,
+    /// 0 after them.
+    pub fn softmax_backward_rows(grads: &mut [f32], probs: &[f32], keys: usize, scale: f32, visible: impl Fn(usize) -> usize) {
+        for (r, (row, p)) in grads.chunks_exact_mut(keys).zip(probs.chunks_exact(keys)).enumerate() {
+            let (seen, hidden) = row.split_at_mut(visible(r));
+            let dot = sum_of(seen.len(), |i| seen[i] * p[i]);
+            for (g, &p) in seen.iter_mut().zip(p) {
+                *g = scale * p * (*g - dot);
+            }
+            hidden.fill(0.0);
+        }
+    }
 }
 
 /// Rotary embedding in Hugging Face's rotate-half convention on `x` laid out
@@ -174,7 +316,6 @@ pub fn causal_softmax_backward(gp: &[f32], probs: &[f32], queries: usize, keys: 
 /// `inverse` applies the transposed rotation (`sin` negated), which is the backward pass; that
 /// holds because both halves of each table row are equal (`emb = cat(freqs, freqs)`).
 pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize, inverse: bool, out: &mut [f32]) {
-    let half = head_dim / 2;
     let sign = if inverse { -1.0f32 } else { 1.0 };
     let positions = cos.len() / head_dim;
     let block = rows_per_task(head_dim);
@@ -182,41 +323,52 @@ pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize
         .zip(x.par_chunks(block * head_dim))
         .enumerate()
         .for_each(|(task, (out, x))| {
-            for (row, (y, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
-                let pos = ((task * block + row) / heads) % positions;
-                let cos = &cos[pos * head_dim..(pos + 1) * head_dim];
-                let sin = &sin[pos * head_dim..(pos + 1) * head_dim];
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
-                for i in 0..half {
-                    y1[i] = x1[i] * cos[i] - sign * x2[i] * sin[i];
-                    y2[i] = x2[i] * cos[half + i] + sign * x1[i] * sin[half + i];
-                }
-            }
+            rotate_rows(x, cos, sin, sign, out, head_dim, |row| ((task * block + row) / heads) % positions);
         });
+}
+
+vectorized! {
+    /// [`rotary`] on rows of `head_dim` values, row `r` at position `position(r)`.
+    fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32], head_dim: usize, position: impl Fn(usize) -> usize) {
+        let half = head_dim / 2;
+        for (r, (y, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
+            let table = position(r) * head_dim..(position(r) + 1) * head_dim;
+            let (cos1, cos2) = cos[table.clone()].split_at(half);
+            let (sin1, sin2) = sin[table].split_at(half);
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for i in 0..half {
+                y1[i] = x1[i] * cos1[i] - sign * x2[i] * sin1[i];
+                y2[i] = x2[i] * cos2[i] + sign * x1[i] * sin2[i];
+            }
+        }
+    }
 }
 
 /// One AdamW step (PyTorch semantics) in place on a parameter and its moments:
 /// `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`, `p *= 1 - lr wd`,
 /// `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
 pub fn adamw(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], h: &AdamWStep) {
-    const CHUNK: usize = 16_384;
-    let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-    let decay = (1.0 - h.lr * h.weight_decay) as f32;
-    let step_size = (h.lr / h.bias_correction1) as f32;
-    let inv_bc2_sqrt = (1.0 / h.bias_correction2_sqrt) as f32;
-    let eps = h.eps as f32;
     param
         .par_chunks_mut(CHUNK)
         .zip(grad.par_chunks(CHUNK))
         .zip(exp_avg.par_chunks_mut(CHUNK).zip(exp_avg_sq.par_chunks_mut(CHUNK)))
-        .for_each(|((p, g), (m, v))| {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p = *p * decay - step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
-            }
-        });
+        .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, h));
+}
+
+vectorized! {
+    fn adamw_chunk(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], h: &AdamWStep) {
+        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+        let decay = (1.0 - h.lr * h.weight_decay) as f32;
+        let step_size = (h.lr / h.bias_correction1) as f32;
+        let inv_bc2_sqrt = (1.0 / h.bias_correction2_sqrt) as f32;
+        let eps = h.eps as f32;
+        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(exp_avg.iter_mut()).zip(exp_avg_sq.iter_mut()) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p = *p * decay - step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
+        }
+    }
 }
 
 /// The scalars of one AdamW step; `weight_decay` is 0 for parameters that are not decayed.

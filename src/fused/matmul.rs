@@ -70,6 +70,14 @@ impl Buf {
         Self { ptr: buf.spare_capacity_mut().as_mut_ptr().cast(), len }
     }
 
+    /// All of the buffer.
+    ///
+    /// # Safety
+    /// As [`Buf::slice_mut`].
+    pub unsafe fn whole<'a>(self) -> &'a mut [f32] {
+        unsafe { self.slice_mut(0, self.len) }
+    }
+
     /// Elements `offset..offset + len`.
     ///
     /// # Safety

@@ -222,41 +222,92 @@ fn the_cpu_backends_use_the_kernels_unless_switched_off_on_the_thread() {
     }
 }
 
-#[test]
-fn kernels_give_identical_bits_on_any_number_of_threads() {
+/// The outputs of every kernel on the same inputs, named.
+fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
     let (rows, h) = (1000, 64);
     let (x, w, gy) = (random(rows * h, 7, 3.0), random(h, 8, 1.0), random(rows * h, 9, 1.0));
-    let run = |threads: usize| {
+    let (mut y, mut inv) = (vec![0.0; rows * h], vec![0.0; rows]);
+    kernels::rms_norm(&x, &w, 1e-6, &mut y, &mut inv);
+    let mut gx = vec![0.0; rows * h];
+    let gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, &mut gx);
+    let (mut p, mut gs) = (vec![0.0; rows * h], vec![0.0; rows * h]);
+    kernels::causal_softmax(&x, 50, h, 0.3, &mut p);
+    kernels::causal_softmax_backward(&gy, &p, 50, h, 0.3, &mut gs);
+    let (mut s, mut d_gate, mut d_up) = (vec![0.0; rows * h], vec![0.0; rows * h], vec![0.0; rows * h]);
+    kernels::swiglu(&x, &gy, &mut s);
+    kernels::swiglu_backward(&w.repeat(rows), &x, &gy, &mut d_gate, &mut d_up);
+    // As [batch 2, positions 100, heads 5, head_dim 64] with tables for 100 positions.
+    let (cos, sin) = (random(100 * h, 10, 1.0), random(100 * h, 11, 1.0));
+    let (mut r, mut r_inv) = (vec![0.0; rows * h], vec![0.0; rows * h]);
+    kernels::rotary(&x, &cos, &sin, 5, h, false, &mut r);
+    kernels::rotary(&x, &cos, &sin, 5, h, true, &mut r_inv);
+    let (mut param, mut m, mut v) = (x.clone(), gy.clone(), gx.iter().map(|g| g * g).collect::<Vec<_>>());
+    let step = kernels::AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, bias_correction1: 0.19, bias_correction2_sqrt: 0.14 };
+    kernels::adamw(&mut param, &gy, &mut m, &mut v, &step);
+    // 1000 x 64 values as queries, keys, values and output gradient of 2 sequences of 100
+    // positions, 5 heads of 64 over 5 key/value heads (several query blocks each).
+    let dims = attention::Dims { batch: 2, queries: 100, keys: 100, heads: 5, kv_heads: 5, head_dim: 64 };
+    let (out, probs) = attention::forward(&x, &gy, &gx, dims, 0.125);
+    let (dq, dk, dv) = attention::backward(&gy, &x, &gy, &gx, &probs, dims, 0.125);
+    // The same values as a linear layer over 1000 tokens of 64 into 64.
+    let lin = linear::Dims { tokens: rows, d_in: h, d_out: h };
+    let (ly, ldx, ldw) = (linear::forward(&x, &gx[..h * h], lin), linear::input_grad(&gy, &gx[..h * h], lin), linear::weight_grad(&x, &gy, lin));
+    vec![
+        ("rms_norm output", y),
+        ("rms_norm inverse rms", inv),
+        ("rms_norm input gradient", gx),
+        ("rms_norm weight gradient", gw),
+        ("causal softmax", p),
+        ("causal softmax gradient", gs),
+        ("swiglu", s),
+        ("swiglu gate gradient", d_gate),
+        ("swiglu up gradient", d_up),
+        ("rotary", r),
+        ("rotary inverse", r_inv),
+        ("adamw parameter", param),
+        ("adamw first moment", m),
+        ("adamw second moment", v),
+        ("attention output", out),
+        ("attention probabilities", probs),
+        ("attention dq", dq),
+        ("attention dk", dk),
+        ("attention dv", dv),
+        ("linear output", ly),
+        ("linear input gradient", ldx),
+        ("linear weight gradient", ldw),
+    ]
+}
+
+fn assert_same_bits(expected: &[(&str, Vec<f32>)], got: &[(&str, Vec<f32>)], case: &str) {
+    assert_eq!(expected.len(), got.len());
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for ((name, a), (_, b)) in expected.iter().zip(got) {
+        assert!(a.iter().all(|v| v.is_finite()), "{name}: not finite");
+        assert_eq!(bits(a), bits(b), "{name}, {case}");
+    }
+}
+
+#[test]
+fn kernels_give_identical_bits_on_any_number_of_threads() {
+    let on_threads = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| {
-            let (mut y, mut inv) = (vec![0.0; rows * h], vec![0.0; rows]);
-            kernels::rms_norm(&x, &w, 1e-6, &mut y, &mut inv);
-            let mut gx = vec![0.0; rows * h];
-            let gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, &mut gx);
-            let mut p = vec![0.0; rows * h];
-            kernels::causal_softmax(&x, 50, h, 0.3, &mut p);
-            // 1000 x 64 values as queries, keys, values and output gradient of 2 sequences of 100
-            // positions, 5 heads of 64 over 5 key/value heads (several query blocks each).
-            let dims = attention::Dims { batch: 2, queries: 100, keys: 100, heads: 5, kv_heads: 5, head_dim: 64 };
-            let (out, probs) = attention::forward(&x, &gy, &gx, dims, 0.125);
-            let (dq, dk, dv) = attention::backward(&gy, &x, &gy, &gx, &probs, dims, 0.125);
-            // The same values as a linear layer over 1000 tokens of 64 into 64.
-            let lin = linear::Dims { tokens: rows, d_in: h, d_out: h };
-            let (ly, ldx, ldw) = (linear::forward(&x, &gx[..h * h], lin), linear::input_grad(&gy, &gx[..h * h], lin), linear::weight_grad(&x, &gy, lin));
-            (y, gx, gw, p, [out, probs, dq, dk, dv, ly, ldx, ldw])
-        })
+        pool.install(every_kernel_output)
     };
-    let one = run(1);
+    let one = on_threads(1);
     for threads in [2, 3, 8] {
-        let other = run(threads);
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&one.0), bits(&other.0), "rms_norm output, {threads} threads");
-        assert_eq!(bits(&one.1), bits(&other.1), "rms_norm input gradient, {threads} threads");
-        assert_eq!(bits(&one.2), bits(&other.2), "rms_norm weight gradient, {threads} threads");
-        assert_eq!(bits(&one.3), bits(&other.3), "causal softmax, {threads} threads");
-        for (i, (a, b)) in one.4.iter().zip(&other.4).enumerate() {
-            assert_eq!(bits(a), bits(b), "output {i} (attention out, probs, dq, dk, dv; linear y, dx, dw), {threads} threads");
-        }
+        assert_same_bits(&one, &on_threads(threads), &format!("{threads} threads"));
+    }
+}
+
+#[test]
+fn kernels_give_identical_bits_on_every_vector_instruction_set() {
+    // Each set the CPU lacks falls back to the next narrower one, so this compares whatever the
+    // machine has (AVX-512, AVX2 and SSE2 on the CI machine) against the baseline.
+    kernels::set_widest_isa(kernels::Isa::Baseline);
+    let baseline = every_kernel_output();
+    for isa in [kernels::Isa::Avx2, kernels::Isa::Avx512] {
+        kernels::set_widest_isa(isa);
+        assert_same_bits(&baseline, &every_kernel_output(), &format!("{isa:?} against the baseline"));
     }
 }
 
