@@ -432,7 +432,7 @@ fn print_table(rows: &[Row]) {
 }
 
 fn main() -> Result<()> {
-    kiln::backend::keep_freed_memory(); // as the kiln binary does
+    kiln::backend::tune_process(); // as the kiln binary does
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();

@@ -15,7 +15,7 @@ use kiln::config::Config;
 use kiln::train::Learner;
 
 fn main() -> Result<()> {
-    kiln::backend::keep_freed_memory(); // as the kiln binary does
+    kiln::backend::tune_process(); // as the kiln binary does
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
     let (hidden, layers, heads, intermediate, seq_len) = match arg(0, "small").as_str() {

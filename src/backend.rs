@@ -70,6 +70,25 @@ fn cuda_device() -> Result<Device> {
     )
 }
 
+/// Process-wide settings that every kiln entry point (the binary, the benchmark, the profiling
+/// example) applies first thing in `main`, before anything else runs.
+pub fn tune_process() {
+    keep_freed_memory();
+    join_thread_pool();
+}
+
+/// Makes the calling thread one of the workers of rayon's global pool (which keeps its usual
+/// size: `RAYON_NUM_THREADS`, else one thread per core, this one included).
+///
+/// The CPU backends and the fused kernels run every op on that pool. Called from a thread
+/// outside it, each op is handed to the pool while the caller sleeps until it is done: a
+/// futex wake and a sleep per op, several percent of a small model's step on two cores, and a
+/// third thread competing for two cores. As a worker, the training thread runs its share of
+/// each op itself, as PyTorch's OpenMP threads do. Does nothing if the pool already exists.
+fn join_thread_pool() {
+    let _ = rayon::ThreadPoolBuilder::new().use_current_thread().build_global();
+}
+
 /// Keeps freed heap memory in the process instead of handing it back to the kernel.
 ///
 /// A training step allocates and frees the same multi-megabyte activation buffers every step.
@@ -77,7 +96,7 @@ fn cuda_device() -> Result<Device> {
 /// step paid page faults and kernel zeroing for memory it had just released (about a tenth of
 /// a step's CPU time in `perf`). With these settings the buffers are reused from the heap; the
 /// cost is that resident memory stays at its peak, as in any long-running trainer.
-pub fn keep_freed_memory() {
+fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; any value is valid to pass.
     unsafe {

@@ -156,7 +156,7 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
 /// Entry point of the binary: runs the command and turns errors into one message and a
 /// non-zero exit status.
 pub fn main() -> ExitCode {
-    crate::backend::keep_freed_memory();
+    crate::backend::tune_process();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {
