@@ -1,7 +1,7 @@
 //! Runs training steps of a benchmark shape with nothing else in the process, for profilers.
 //!
-//!     cargo build --release --example profile_step
-//!     valgrind --tool=callgrind target/release/examples/profile_step small flex 2
+//!     cargo build --release --features wgpu --example profile_step
+//!     RAYON_NUM_THREADS=1 valgrind --tool=callgrind target/release/examples/profile_step tiny flex 3
 //!     perf record -g target/release/examples/profile_step small flex 10
 //!
 //! Arguments: SHAPE (tiny | small), BACKEND (flex | ndarray), STEPS. Prints the median time of
