@@ -55,6 +55,7 @@ macro_rules! vectorized {
         }
     };
 }
+
 /// Vector instruction sets [`vectorized!`] picks from, narrowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -72,6 +73,7 @@ pub fn set_widest_isa(isa: Isa) {
     WIDEST_ALLOWED.store(isa as u8, Ordering::Relaxed);
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn allows(isa: Isa) -> bool {
     WIDEST_ALLOWED.load(Ordering::Relaxed) >= isa as u8
