@@ -338,7 +338,8 @@ vectorized! {
     fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32], head_dim: usize, position: impl Fn(usize) -> usize) {
         let half = head_dim / 2;
         for (r, (y, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
-            let table = position(r) * head_dim..(position(r) + 1) * head_dim;
+            let start = position(r) * head_dim;
+            let table = start..start + head_dim;
             let (cos1, cos2) = cos[table.clone()].split_at(half);
             let (sin1, sin2) = sin[table].split_at(half);
             let (x1, x2) = x.split_at(half);
