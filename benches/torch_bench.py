@@ -4,7 +4,8 @@
 Each subcommand runs one measurement and prints one JSON line. The Rust harness calls it in
 alternation with kiln's own measurements, so both see the same machine state.
 
-  train     tokens/s of LlamaForCausalLM + AdamW (eager) on the given shape
+  train     tokens/s of LlamaForCausalLM + AdamW (eager, float32) on the given shape, on the CPU
+            or (--device cuda) a GPU
   save      seconds for safetensors save_file (+ fsync) of the tensors of a file set
   load      seconds for safetensors load_file of a file set into torch tensors
   generate  tokens/s of transformers generate (greedy, KV cache)
@@ -13,6 +14,7 @@ alternation with kiln's own measurements, so both see the same machine state.
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -37,14 +39,23 @@ def llama(args):
     return LlamaForCausalLM(config)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train(args):
-    model = llama(args)
+    device = torch.device(args.device)
+    # float32 end to end, as kiln trains: no TF32 tensor-core shortcut for matmuls.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = llama(args).to(device)
     model.train()
     # PyTorch's AdamW defaults differ from kiln's config; set them to the same values.
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     g = torch.Generator().manual_seed(1)
     batches = [
-        torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
+        torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g).to(device)
         for _ in range(args.warmup + args.steps)
     ]
 
@@ -58,12 +69,28 @@ def train(args):
 
     for b in batches[: args.warmup]:
         step(b)
+    # GPU work is queued asynchronously: drain the queue before starting and stopping the clock.
+    sync(device)
     start = time.perf_counter()
-    for b in batches[args.warmup :]:
-        step(b)
+    if args.profile:
+        # Where the time goes, for comparison with kiln's own profile (docs/BENCHMARKS.md).
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for b in batches[args.warmup :]:
+                step(b)
+            sync(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+    else:
+        for b in batches[args.warmup :]:
+            step(b)
+        sync(device)
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch * args.seq_len
-    print(json.dumps({"tokens_per_sec": tokens / seconds, "seconds": seconds}))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(json.dumps({"tokens_per_sec": tokens / seconds, "seconds": seconds, "device": name, "torch": torch.__version__}))
 
 
 def save(args):
@@ -117,6 +144,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("command", choices=["train", "save", "load", "generate"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (train only)")
+    p.add_argument("--profile", action="store_true", help="train: print torch.profiler's table to stderr")
     p.add_argument("--vocab", type=int, default=84)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)
