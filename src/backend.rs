@@ -66,7 +66,7 @@ fn probe(device: &Device, name: &str) -> Result<()> {
 fn cuda_device() -> Result<Device> {
     anyhow::bail!(
         "this kiln was built without the `cuda` backend; rebuild with `--features cuda` \
-         (needs the CUDA toolkit)"
+         (needs the NVIDIA driver and CUDA runtime libraries; see README.md, Backends)"
     )
 }
 
