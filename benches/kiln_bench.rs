@@ -2,8 +2,8 @@
 //! kiln and its reference on every repetition, reported as medians in one table.
 //!
 //!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--only train,checkpoint,stall,generate]
-//!     cargo bench --features wgpu --bench kiln_bench -- --only gpu           (on a GPU machine; add
-//!                                                                            `cuda` where it builds)
+//!     cargo bench --features wgpu --bench kiln_bench -- --only gpu           (on a GPU machine: gpu-train,
+//!                                                   gpu-stall; add `cuda` to the features where it builds)
 //!
 //! References: PyTorch eager (transformers `LlamaForCausalLM`, AdamW) for training and
 //! generation, Python `safetensors` and a raw fsynced sequential write for checkpoint I/O
@@ -299,9 +299,11 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
 /// Time the training thread is blocked per save of `checkpoint_latest` (snapshot plus the
 /// `save` call, which for async saving includes waiting for a save still in flight), and the
 /// wall time of the whole loop, over `steps` steps with a save every `every` steps.
-fn timed_run(async_save: bool, steps: usize, every: usize) -> Result<(f64, f64)> {
+/// Trains `steps` steps of `shape` on `backend`, saving `checkpoint_latest` every `every`
+/// steps; returns the seconds the training thread was blocked per save, and the loop's wall time.
+fn timed_run(shape: Shape, backend: BackendKind, async_save: bool, steps: usize, every: usize) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir_in(repo().join("target"))?;
-    let mut cfg = config(SMALL, BackendKind::Flex, dir.path())?;
+    let mut cfg = config(shape, backend, dir.path())?;
     cfg.checkpoint.async_save = async_save;
     let mut learner = Learner::new(cfg)?;
     let batches: Vec<_> = (0..steps + 2).map(|_| learner.loader.next_batch().expect("a batch")).collect();
@@ -309,28 +311,43 @@ fn timed_run(async_save: bool, steps: usize, every: usize) -> Result<(f64, f64)>
         learner.train_step(b)?;
     }
     let start = Instant::now();
-    let mut blocked = 0.0;
-    let mut saves = 0;
+    let mut blocked = Vec::new();
+    let mut steps_ms = Vec::new();
     for (i, b) in batches[2..].iter().enumerate() {
+        let t = Instant::now();
         learner.train_step(b)?;
+        steps_ms.push(format!("{:.0}", t.elapsed().as_secs_f64() * 1000.0));
         if (i + 1) % every == 0 {
             let t = Instant::now();
             let snapshot = learner.snapshot();
             learner.checkpoints.save(vec![Kind::Latest], snapshot)?;
-            blocked += t.elapsed().as_secs_f64();
-            saves += 1;
+            blocked.push(t.elapsed().as_secs_f64());
         }
     }
     learner.checkpoints.wait()?;
-    Ok((blocked / saves as f64, start.elapsed().as_secs_f64()))
+    let wall = start.elapsed().as_secs_f64();
+    let blocked_ms: Vec<String> = blocked.iter().map(|b| format!("{:.1}", b * 1000.0)).collect();
+    eprintln!(
+        "bench: {} save{}: blocked ms per save [{}], step ms [{}]",
+        if async_save { "async" } else { "sync" },
+        if blocked.len() == 1 { "" } else { "s" },
+        blocked_ms.join(" "),
+        steps_ms.join(" ")
+    );
+    Ok((blocked.iter().sum::<f64>() / blocked.len() as f64, wall))
 }
 
 fn stall_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
     let (steps, every) = if quick { (6, 3) } else { (12, 3) };
+    stall_rows(rows, reps, SMALL, BackendKind::Flex, steps, every)
+}
+
+/// Blocked time per checkpoint, async against sync, alternating on every repetition.
+fn stall_rows(rows: &mut Vec<Row>, reps: usize, shape: Shape, backend: BackendKind, steps: usize, every: usize) -> Result<()> {
     let (mut sync, mut asynchronous, mut sync_wall, mut async_wall) = (vec![], vec![], vec![], vec![]);
     for _ in 0..reps {
-        let (s, sw) = timed_run(false, steps, every)?;
-        let (a, aw) = timed_run(true, steps, every)?;
+        let (s, sw) = timed_run(shape, backend, false, steps, every)?;
+        let (a, aw) = timed_run(shape, backend, true, steps, every)?;
         sync.push(s * 1000.0);
         asynchronous.push(a * 1000.0);
         sync_wall.push(sw);
@@ -338,7 +355,7 @@ fn stall_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
         eprintln!("bench: stall per save: sync {:.1} ms, async {:.1} ms (loops {:.2}s / {:.2}s)", s * 1000.0, a * 1000.0, sw, aw);
     }
     rows.push(Row {
-        benchmark: format!("training thread blocked per checkpoint, {} model", SMALL.name),
+        benchmark: format!("training thread blocked per checkpoint, {} model on {}", shape.name, backend.name()),
         kiln: median(asynchronous),
         reference: Some(("synchronous save".into(), median(sync))),
         unit: "ms",
@@ -346,7 +363,7 @@ fn stall_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
         goal: "<= 0.1x",
     });
     rows.push(Row {
-        benchmark: format!("{steps} steps with a save every {every}, async (wall)"),
+        benchmark: format!("{steps} steps with a save every {every} ({} on {}), async (wall)", shape.name, backend.name()),
         kiln: median(async_wall),
         reference: Some(("synchronous saves".into(), median(sync_wall))),
         unit: "s",
@@ -403,8 +420,8 @@ fn generate_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
 /// embedding).
 const GPT2_SMALL: Shape = Shape { name: "GPT-2-small-sized (113M)", hidden: 768, layers: 12, heads: 12, intermediate: 3072, batch: 8, seq_len: 512 };
 
-fn gpu_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
-    let shape = GPT2_SMALL;
+/// The GPU backends this build has and this machine can run.
+fn gpu_backends() -> Result<Vec<BackendKind>> {
     let backends: Vec<BackendKind> = [BackendKind::Wgpu, BackendKind::Cuda]
         .into_iter()
         .filter(|&backend| match kiln::backend::device(backend) {
@@ -418,6 +435,11 @@ fn gpu_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     if backends.is_empty() {
         bail!("--only gpu: neither wgpu nor cuda is usable in this build on this machine");
     }
+    Ok(backends)
+}
+
+fn gpu_train_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
+    let (shape, backends) = (GPT2_SMALL, gpu_backends()?);
     let (warmup, steps) = (3, 10);
     let mut ours = vec![Vec::new(); backends.len()];
     let (mut torch, mut gpu_name) = (Vec::new(), String::new());
@@ -438,7 +460,7 @@ fn gpu_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         eprintln!("bench: gpu train {}: kiln {}, torch cuda {:.0} tok/s", shape.name, kiln.join(", "), torch.last().unwrap());
     }
     let torch = median(torch);
-    for (values, backend) in ours.into_iter().zip(backends) {
+    for (values, &backend) in ours.into_iter().zip(&backends) {
         rows.push(Row {
             benchmark: format!("train {} b{}x{} on {}", shape.name, shape.batch, shape.seq_len, backend.name()),
             kiln: median(values),
@@ -447,6 +469,16 @@ fn gpu_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
             higher_is_better: true,
             goal: ">= 1.0x",
         });
+    }
+    Ok(())
+}
+
+/// A save reads the weights and moments back from GPU memory: the stall that matters most.
+/// Saves are 16 steps apart (~4 s on an H100): at 8 (~2 s) the 1.36 GB checkpoints came faster
+/// than that machine's disk took them, and the second save waited for the first one's writeback.
+fn gpu_stall_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
+    for backend in gpu_backends()? {
+        stall_rows(rows, reps, GPT2_SMALL, backend, 32, 16)?;
     }
     Ok(())
 }
@@ -496,8 +528,11 @@ fn main() -> Result<()> {
     if wants("generate") {
         generate_section(&mut rows, reps)?;
     }
-    if wants("gpu") {
-        gpu_section(&mut rows, reps)?;
+    if wants("gpu") || wants("gpu-train") {
+        gpu_train_section(&mut rows, reps)?;
+    }
+    if wants("gpu") || wants("gpu-stall") {
+        gpu_stall_section(&mut rows, reps)?;
     }
     print_table(&rows);
     Ok(())
