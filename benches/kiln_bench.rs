@@ -296,11 +296,10 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     Ok(())
 }
 
-/// Time the training thread is blocked per save of `checkpoint_latest` (snapshot plus the
-/// `save` call, which for async saving includes waiting for a save still in flight), and the
-/// wall time of the whole loop, over `steps` steps with a save every `every` steps.
-/// Trains `steps` steps of `shape` on `backend`, saving `checkpoint_latest` every `every`
-/// steps; returns the seconds the training thread was blocked per save, and the loop's wall time.
+/// Trains `steps` steps of `shape` on `backend` with a save of `checkpoint_latest` every
+/// `every` steps. Returns the mean seconds the training thread is blocked per save (snapshot
+/// plus the `save` call, which for async saving includes waiting for a save still in flight)
+/// and the wall time of the whole loop.
 fn timed_run(shape: Shape, backend: BackendKind, async_save: bool, steps: usize, every: usize) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir_in(repo().join("target"))?;
     let mut cfg = config(shape, backend, dir.path())?;

@@ -12,6 +12,7 @@ alternation with kiln's own measurements, so both see the same machine state.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,23 +72,20 @@ def train(args):
         step(b)
     # GPU work is queued asynchronously: drain the queue before starting and stopping the clock.
     sync(device)
+    # --profile: where the time goes, for comparison with kiln's own profile (docs/BENCHMARKS.md).
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities) if args.profile else contextlib.nullcontext()
     start = time.perf_counter()
-    if args.profile:
-        # Where the time goes, for comparison with kiln's own profile (docs/BENCHMARKS.md).
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for b in batches[args.warmup :]:
-                step(b)
-            sync(device)
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
-    else:
+    with profiler:
         for b in batches[args.warmup :]:
             step(b)
         sync(device)
     seconds = time.perf_counter() - start
+    if args.profile:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
     tokens = args.steps * args.batch * args.seq_len
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(json.dumps({"tokens_per_sec": tokens / seconds, "seconds": seconds, "device": name, "torch": torch.__version__}))
