@@ -474,13 +474,7 @@ pub fn export_checkpoint(
         if info.dtype != safetensors::Dtype::F32 {
             bail!("{}: `{name}` is {:?}; kiln checkpoints hold F32", ck.paths.weights.display(), info.dtype);
         }
-        let bytes = bytes.to_vec();
-        tensors.push(PendingTensor {
-            name,
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            bytes: Box::new(move || bytes.into()),
-        });
+        tensors.push(PendingTensor::from_bytes(name, info.dtype, info.shape.clone(), bytes.to_vec()));
     }
     let bundle_name = dir
         .file_name()

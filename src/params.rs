@@ -247,22 +247,9 @@ mod tests {
     }
 }
 
-/// A float tensor's values as little-endian f32 bytes, copied off the device once.
-pub fn tensor_f32_bytes<const D: usize>(tensor: Tensor<D>) -> crate::safetensors_io::TensorBytes {
-    let data = tensor.into_data();
-    if data.dtype() == burn::tensor::DType::F32 && cfg!(target_endian = "little") {
-        return crate::safetensors_io::TensorBytes::Data(data);
-    }
-    let values = data
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32 above");
-    crate::safetensors_io::f32_bytes(&values).into()
-}
-
 /// A write-pending tensor in Hugging Face layout from a device tensor in Burn layout. The
-/// handle is only cloned here; the copy off the device happens when the writer asks for the
-/// bytes (on the checkpoint thread), so a snapshot is cheap for the training loop.
+/// handle is only cloned here; the copy off the device happens when the writer reads the
+/// tensor's batch (on the checkpoint thread), so a snapshot is cheap for the training loop.
 /// `transposed` says whether the tensor is (the state of) a Linear weight.
 pub fn pending<const D: usize>(
     name: String,
@@ -279,10 +266,10 @@ pub fn pending<const D: usize>(
         name,
         dtype: safetensors::Dtype::F32,
         shape,
-        bytes: Box::new(move || {
+        source: crate::safetensors_io::TensorSource::Device(Box::new(move |transaction| {
             let tensor = if transposed { tensor.swap_dims(0, 1) } else { tensor };
-            tensor_f32_bytes(tensor)
-        }),
+            transaction.register(tensor)
+        })),
     }
 }
 

@@ -215,7 +215,7 @@ fn renamed_copy(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>)
     for (name, dtype, shape, _) in file.tensors() {
         let Some(new) = rename(&name) else { continue };
         let bytes = file.raw(&name).unwrap().1.to_vec();
-        tensors.push(kiln::safetensors_io::PendingTensor { name: new, dtype, shape, bytes: Box::new(move || bytes.into()) });
+        tensors.push(kiln::safetensors_io::PendingTensor::from_bytes(new, dtype, shape, bytes));
     }
     let mut out = std::fs::File::create(dst.join("model.safetensors")).unwrap();
     kiln::safetensors_io::write_to(&mut out, &Default::default(), tensors).unwrap();

@@ -16,3 +16,4 @@ mod checkpoint;
 mod crash;
 mod hostile;
 mod hf;
+mod writer;
