@@ -267,7 +267,7 @@ fn fetch(batch: Vec<PendingTensor>) -> std::io::Result<Vec<(String, usize, Tenso
 }
 
 /// Device tensor data as little-endian f32 bytes, without a copy where it already is that.
-pub fn f32_data_bytes(data: TensorData) -> TensorBytes {
+fn f32_data_bytes(data: TensorData) -> TensorBytes {
     if data.dtype() == DType::F32 && cfg!(target_endian = "little") {
         return TensorBytes::Data(data);
     }
