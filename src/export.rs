@@ -470,11 +470,11 @@ pub fn export_checkpoint(
     let names = crate::params::hf_param_names(&s.model);
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        let (info, bytes) = ck.weights.raw(&name)?;
+        let (info, bytes) = ck.weights.read_raw(&name)?;
         if info.dtype != safetensors::Dtype::F32 {
             bail!("{}: `{name}` is {:?}; kiln checkpoints hold F32", ck.paths.weights.display(), info.dtype);
         }
-        tensors.push(PendingTensor::from_bytes(name, info.dtype, info.shape.clone(), bytes.to_vec()));
+        tensors.push(PendingTensor::from_bytes(name, info.dtype, info.shape.clone(), bytes));
     }
     let bundle_name = dir
         .file_name()

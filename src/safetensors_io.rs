@@ -7,10 +7,14 @@
 //! file is computed while writing. The layout (tensors ordered by name, header padded to 8 bytes)
 //! is the one the `safetensors` crate itself produces.
 //!
-//! Reading memory-maps the file and validates its header with the `safetensors` crate before
-//! touching any tensor: a header length past the end, offsets past the end, overlapping or
-//! gapped tensors, byte sizes that disagree with dtype and shape, and trailing bytes are all
-//! refused, and nothing the header claims is allocated up front.
+//! Reading validates the header with the `safetensors` crate (through a memory map of the file)
+//! before touching any tensor: a header length past the end, offsets past the end, overlapping
+//! or gapped tensors, byte sizes that disagree with dtype and shape, and trailing bytes are all
+//! refused, and nothing the header claims is allocated up front. Tensors are then read with
+//! positioned reads straight into their buffers, in blocks spread over the threads, rather than
+//! copied out of the map: faulting mapped pages in cost more than the copy itself (a 0.8 GB
+//! optimizer file took ~0.5 s through the map on the project's VM, ~0.3 s read this way), and a
+//! file truncated after opening gives a read error instead of a SIGBUS.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,7 +31,7 @@ use sha2::{Digest, Sha256};
 /// Errors reading a safetensors file; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -303,10 +307,11 @@ pub fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
     })
 }
 
-/// A memory-mapped, validated safetensors file.
+/// An open safetensors file whose header has been validated; tensors are read on request.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Tensors are read with positioned reads, so threads can share it.
+    file: File,
     data_start: usize,
     metadata: Metadata,
 }
@@ -337,6 +342,8 @@ impl SafetensorsFile {
         if len < 8 {
             return Err(invalid(format!("{len} bytes is shorter than the 8-byte header length")));
         }
+        // The map lets the `safetensors` crate validate the header against the file's length
+        // without reading the data; it is dropped before this returns.
         // SAFETY: the map is read-only; kiln never writes a file in place (saves go to a new
         // file that is renamed over the old name), so the mapped bytes do not change under us.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ReadError::Io {
@@ -347,7 +354,7 @@ impl SafetensorsFile {
             SafeTensors::read_metadata(&mmap).map_err(|e| invalid(describe(&e, len)))?;
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
             data_start: 8 + n,
             metadata,
         })
@@ -392,11 +399,12 @@ impl SafetensorsFile {
         })
     }
 
-    /// The raw bytes of one tensor.
-    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), ReadError> {
+    /// One tensor's info and little-endian bytes.
+    pub fn read_raw(&self, name: &str) -> Result<(&TensorInfo, Vec<u8>), ReadError> {
         let info = self.info(name)?;
-        let (s, e) = info.data_offsets;
-        Ok((info, &self.mmap[self.data_start + s..self.data_start + e]))
+        let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
+        self.read_tensor(info, &mut bytes)?;
+        Ok((info, bytes))
     }
 
     /// One tensor as f32 values, converting from F16 or BF16; its shape must be `expected`
@@ -406,7 +414,7 @@ impl SafetensorsFile {
         name: &str,
         expected: Option<&[usize]>,
     ) -> Result<(Vec<f32>, Vec<usize>), ReadError> {
-        let (info, bytes) = self.raw(name)?;
+        let info = self.info(name)?;
         if let Some(expected) = expected
             && info.shape != expected
         {
@@ -418,15 +426,26 @@ impl SafetensorsFile {
             });
         }
         let values = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
+            // Straight into the returned buffer: no intermediate copy of the bytes.
+            Dtype::F32 => {
+                let mut values = vec![0f32; (info.data_offsets.1 - info.data_offsets.0) / 4];
+                self.read_tensor(info, bytemuck::cast_slice_mut(&mut values))?;
+                if cfg!(target_endian = "big") {
+                    for v in &mut values {
+                        *v = f32::from_bits(u32::from_le(v.to_bits()));
+                    }
+                }
+                values
+            }
+            Dtype::F16 => self
+                .read_raw(name)?
+                .1
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            Dtype::BF16 => bytes
+            Dtype::BF16 => self
+                .read_raw(name)?
+                .1
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
@@ -440,6 +459,49 @@ impl SafetensorsFile {
         };
         Ok((values, info.shape.clone()))
     }
+
+    /// Fills `buf` with the bytes of the tensor `info` describes.
+    fn read_tensor(&self, info: &TensorInfo, buf: &mut [u8]) -> Result<(), ReadError> {
+        self.read_at(self.data_start + info.data_offsets.0, buf)
+            .map_err(|source| ReadError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Fills `buf` from the file at byte `offset`, in blocks spread over rayon's threads: the
+    /// time goes to the kernel faulting in and zeroing the fresh buffer and copying into it,
+    /// and both scale with cores.
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        const BLOCK: usize = 512 << 10;
+        buf.par_chunks_mut(BLOCK)
+            .enumerate()
+            .try_for_each(|(i, block)| read_exact_at(&self.file, block, (offset + i * BLOCK) as u64))
+    }
+}
+
+/// Fills `buf` from `file` at `offset` without moving a shared cursor.
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A human description of a header problem.

@@ -214,7 +214,7 @@ fn renamed_copy(src: &Path, dst: &Path, rename: impl Fn(&str) -> Option<String>)
     let mut tensors = Vec::new();
     for (name, dtype, shape, _) in file.tensors() {
         let Some(new) = rename(&name) else { continue };
-        let bytes = file.raw(&name).unwrap().1.to_vec();
+        let bytes = file.read_raw(&name).unwrap().1;
         tensors.push(kiln::safetensors_io::PendingTensor::from_bytes(new, dtype, shape, bytes));
     }
     let mut out = std::fs::File::create(dst.join("model.safetensors")).unwrap();

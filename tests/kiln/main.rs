@@ -17,3 +17,4 @@ mod crash;
 mod hostile;
 mod hf;
 mod writer;
+mod reader;
