@@ -213,20 +213,26 @@ impl NamedMapper for Loader<'_> {
     }
 }
 
-/// Row-major `[rows, cols]` to row-major `[cols, rows]`, in 32x32 tiles so that both sides
-/// stay in cache (a naive loop strides through memory on every store).
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`. Each task fills 32 whole rows of the
+/// output from a 32-wide column strip of the input, so both sides stay in cache (a naive loop
+/// strides through memory on every store) and a large weight is split over the threads.
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = values[r * cols + c];
-                }
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(i, strip)| {
+        let c0 = i * TILE;
+        let width = strip.len() / rows;
+        for r in 0..rows {
+            let row = &values[r * cols + c0..r * cols + c0 + width];
+            for (c, &v) in row.iter().enumerate() {
+                strip[c * rows + r] = v;
             }
         }
-    }
+    });
     out
 }
 
@@ -234,7 +240,7 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 mod tests {
     #[test]
     fn transpose_matches_the_definition() {
-        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (64, 64)] {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (64, 64), (1, 100), (100, 1), (130, 1000)] {
             let v: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
             let t = super::transpose(&v, rows, cols);
             for r in 0..rows {
