@@ -1,6 +1,7 @@
 //! Throughput of the `gemm` crate (the matmul Burn's Flex backend and kiln's fused linear layers
 //! call) on the three products of a linear layer over 2,048 tokens, with the small training
-//! shape's layer sizes. It is how kiln chose to split the weight gradient over token slices:
+//! shape's layer sizes and the output layer of an 8,192-token vocabulary. It is how kiln chose
+//! to split the weight gradient over token slices:
 //!
 //!     cargo run --release --features wgpu --example gemm_shapes
 //!
@@ -49,7 +50,7 @@ fn main() {
     let threads = Parallelism::Rayon(0);
     println!("| d_in x d_out | forward | input grad | weight grad, one product | weight grad, token slices |");
     println!("| --- | ---: | ---: | ---: | ---: |");
-    for (d_in, d_out) in [(384, 384), (384, 1024), (1024, 384)] {
+    for (d_in, d_out) in [(384, 384), (384, 1024), (1024, 384), (384, 8192)] {
         let fill = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * seed) % 1000) as f32 / 1000.0 - 0.5).collect() };
         let (x, w, dy) = (fill(TOKENS * d_in, 7919), fill(d_in * d_out, 104_729), fill(TOKENS * d_out, 31));
         let flops = 2.0 * (TOKENS * d_in * d_out) as f64;

@@ -4,8 +4,10 @@
 //!     RAYON_NUM_THREADS=1 valgrind --tool=callgrind target/release/examples/profile_step tiny flex 3
 //!     perf record -g target/release/examples/profile_step small flex 10
 //!
-//! Arguments: SHAPE (tiny | small), BACKEND (flex | ndarray), STEPS. Prints the median time of
-//! the forward pass (loss), the backward pass and the optimizer step after one warm-up step.
+//! Arguments: SHAPE (tiny | small), BACKEND (flex | ndarray), STEPS, and optionally VOCAB: a
+//! byte-level BPE vocabulary of that size trained on the corpus instead of its characters (the
+//! size real tokenizers give the output layer and the loss). Prints the median time of the
+//! forward pass (loss), the backward pass and the optimizer step after one warm-up step.
 
 use std::time::Instant;
 
@@ -25,11 +27,15 @@ fn main() -> Result<()> {
     };
     let backend = arg(1, "flex");
     let steps: usize = arg(2, "5").parse()?;
+    let tokenizer = match args.get(3) {
+        Some(vocab) => format!("tokenizer = \"bpe\"\nvocab_size = {}\n", vocab.parse::<usize>()?),
+        None => String::new(),
+    };
     let out = tempfile::tempdir()?;
     let text = format!(
         "output_dir = {:?}\n[model]\nhidden_size = {hidden}\nnum_layers = {layers}\nnum_heads = {heads}\n\
          num_kv_heads = {heads}\nintermediate_size = {intermediate}\nmax_position_embeddings = 256\n\
-         [data]\npath = \"data/shakespeare.txt\"\nseq_len = {seq_len}\n[training]\nbackend = \"{backend}\"\n\
+         [data]\npath = \"data/shakespeare.txt\"\nseq_len = {seq_len}\n{tokenizer}[training]\nbackend = \"{backend}\"\n\
          batch_size = 16\nmax_steps = 100000\n[checkpoint]\nsave_every_steps = 0\nsave_every_epochs = 0\n",
         out.path()
     );

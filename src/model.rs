@@ -497,7 +497,11 @@ impl LlamaForCausalLM {
 /// Mean cross-entropy of logits `[b, s, v]` against target ids `[b, s]`.
 pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits.dims();
-    let log_probs = log_softmax(logits.reshape([b * s, v]), 1);
+    let logits = logits.reshape([b * s, v]);
+    if fused::available(&logits.device(), logits.dtype()) {
+        return fused::cross_entropy(logits, targets);
+    }
+    let log_probs = log_softmax(logits, 1);
     let picked = log_probs.gather(1, targets.reshape([b * s, 1]));
     picked.mean().neg()
 }

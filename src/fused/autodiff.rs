@@ -5,7 +5,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, AutodiffBackend};
 
 use super::host::{self, Host};
@@ -119,6 +119,20 @@ impl<B: Host> Backward<B, 1> for RotaryBackward {
     }
 }
 
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: Host> Backward<B, 1> for CrossEntropyBackward {
+    /// Logits, target ids and each row's log-sum-exp.
+    type State = (FloatTensor<B>, Vec<usize>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, ids, lse) = ops.state;
+        let g = grads.consume::<B>(&ops.node);
+        register!(B, grads, ops.parents, [host::cross_entropy_backward::<B>(&g, &logits, &ids, &lse)]);
+    }
+}
+
 impl<B: Host, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let (y, inv_rms) = host::rms_norm_forward::<B>(x.primitive(), weight.primitive(), eps);
@@ -172,6 +186,14 @@ impl<B: Host, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         // An optimizer step is outside the graph: run it on the inner tensors.
         let (p, m, v) = B::adamw(Self::inner(param), Self::inner(grad), Self::inner(exp_avg), Self::inner(exp_avg_sq), step);
         (Self::from_inner(p), Self::from_inner(m), Self::from_inner(v))
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        let (loss, lse, ids) = host::cross_entropy_forward::<B>(logits.primitive(), &targets);
+        match CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((logits.into_primitive(), ids, lse), loss),
+            OpsKind::UnTracked(prep) => prep.finish(loss),
+        }
     }
 
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {

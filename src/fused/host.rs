@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::ndarray::NdArrayTensor;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Flex, NdArray, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
@@ -21,6 +21,8 @@ pub trait Host: FusedOps {
     fn values(t: &FloatTensor<Self>) -> Cow<'_, [f32]>;
     /// A tensor of `shape` holding `values`.
     fn tensor(values: Vec<f32>, shape: Shape) -> FloatTensor<Self>;
+    /// An integer tensor's values in row-major order, whatever its integer type.
+    fn ints(t: &IntTensor<Self>) -> Vec<i64>;
     /// The tensors after `update` changed their values in place (in private copies where a
     /// buffer is shared or strided).
     fn update<const N: usize>(ts: [FloatTensor<Self>; N], update: impl FnOnce([&mut [f32]; N])) -> [FloatTensor<Self>; N];
@@ -36,6 +38,10 @@ impl Host for Flex {
 
     fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn ints(t: &FlexTensor) -> Vec<i64> {
+        t.clone().into_data().iter::<i64>().collect()
     }
 
     fn update<const N: usize>(ts: [FlexTensor; N], update: impl FnOnce([&mut [f32]; N])) -> [FlexTensor; N] {
@@ -62,6 +68,25 @@ impl Host for NdArray {
 
     fn tensor(values: Vec<f32>, shape: Shape) -> NdArrayTensor {
         NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn ints(t: &NdArrayTensor) -> Vec<i64> {
+        // (A macro: the storage type of each arm is private to burn-ndarray.)
+        macro_rules! widen {
+            ($s:expr) => {
+                $s.view().iter().map(|&v| i64::from(v)).collect()
+            };
+        }
+        match t {
+            NdArrayTensor::I64(s) => widen!(s),
+            NdArrayTensor::I32(s) => widen!(s),
+            NdArrayTensor::I16(s) => widen!(s),
+            NdArrayTensor::I8(s) => widen!(s),
+            NdArrayTensor::U32(s) => widen!(s),
+            NdArrayTensor::U16(s) => widen!(s),
+            NdArrayTensor::U8(s) => widen!(s),
+            other => panic!("expected an integer tensor, not {:?}", other.dtype()),
+        }
     }
 
     fn update<const N: usize>(ts: [NdArrayTensor; N], update: impl FnOnce([&mut [f32]; N])) -> [NdArrayTensor; N] {
@@ -144,6 +169,55 @@ pub(super) fn causal_softmax_backward<B: Host>(gp: &FloatTensor<B>, probs: &Floa
         })
     };
     B::tensor(gs, shape)
+}
+
+/// The target ids of a cross-entropy over `vocab` classes as indices. An id outside the
+/// vocabulary is a bug upstream (kiln checks tokenizers against the model when loading), so
+/// it panics with the id, as Burn's own `gather` would.
+fn target_ids<B: Host>(targets: &IntTensor<B>, vocab: usize) -> Vec<usize> {
+    B::ints(targets)
+        .into_iter()
+        .map(|id| match usize::try_from(id) {
+            Ok(i) if i < vocab => i,
+            _ => panic!("target id {id} is outside the vocabulary of {vocab} tokens"),
+        })
+        .collect()
+}
+
+/// `(rows, vocab)` of `[rows, vocab]` logits, checked against the number of targets.
+fn logit_dims<B: Host>(logits: &FloatTensor<B>, targets: &IntTensor<B>) -> (usize, usize) {
+    let (shape, target_shape) = (logits.shape(), targets.shape());
+    assert!(shape.num_dims() == 2, "cross-entropy takes [rows, vocab] logits, not {shape:?}");
+    assert_eq!(shape[0], target_shape.num_elements(), "{shape:?} logits but {target_shape:?} targets");
+    (shape[0], shape[1])
+}
+
+/// The mean loss `[1]`, each row's log-sum-exp and the target ids (what the backward pass needs).
+pub(super) fn cross_entropy_forward<B: Host>(logits: &FloatTensor<B>, targets: &IntTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, Vec<usize>) {
+    let (rows, vocab) = logit_dims::<B>(logits, targets);
+    let ids = target_ids::<B>(targets, vocab);
+    // SAFETY: the kernel writes every row's loss and log-sum-exp.
+    let [losses, lse] = unsafe {
+        filled_many([rows, rows], |[losses, lse]| kernels::cross_entropy(&B::values(logits), &ids, vocab, losses.whole(), lse.whole()))
+    };
+    // Summed in row order (in f64, as the losses of a long batch add up), so the loss is the
+    // same on any number of threads.
+    let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / rows as f64;
+    (B::tensor(vec![mean as f32], Shape::new([1])), B::tensor(lse, Shape::new([rows])), ids)
+}
+
+/// The logits' gradient, given the gradient `g` `[1]` of the mean loss.
+pub(super) fn cross_entropy_backward<B: Host>(g: &FloatTensor<B>, logits: &FloatTensor<B>, ids: &[usize], lse: &FloatTensor<B>) -> FloatTensor<B> {
+    let shape = logits.shape();
+    let (rows, vocab) = (shape[0], shape[1]);
+    let scale = B::values(g)[0] / rows as f32;
+    // SAFETY: the kernel writes every element of every row.
+    let grad = unsafe {
+        filled(shape.num_elements(), |grad| {
+            kernels::cross_entropy_backward(&B::values(logits), ids, &B::values(lse), vocab, scale, grad.whole())
+        })
+    };
+    B::tensor(grad, shape)
 }
 
 /// `x` is `[batch, positions, heads, head_dim]`, the tables `[positions, head_dim]`.
@@ -265,6 +339,10 @@ macro_rules! host_fused_ops {
 
             fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
                 rotary::<Self>(&x, &cos, &sin, false)
+            }
+
+            fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+                cross_entropy_forward::<Self>(&logits, &targets).0
             }
 
             fn adamw(

@@ -315,6 +315,50 @@ vectorized! {
     }
 }
 
+/// Cross-entropy of rows of `vocab` logits against their target ids: each row's loss
+/// `lse - logit[target]`, with `lse = max + ln(sum(exp(logit - max)))`, and that `lse`, which
+/// the backward pass needs. One read of the logits, no `[rows, vocab]` temporaries.
+pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut [f32], lse: &mut [f32]) {
+    let block = rows_per_task(vocab);
+    losses
+        .par_chunks_mut(block)
+        .zip(lse.par_chunks_mut(block))
+        .zip(logits.par_chunks(block * vocab).zip(targets.par_chunks(block)))
+        .for_each(|((losses, lse), (logits, targets))| cross_entropy_rows(logits, targets, vocab, losses, lse));
+}
+
+vectorized! {
+    fn cross_entropy_rows(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut [f32], lse: &mut [f32]) {
+        for (((row, &target), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(losses).zip(lse) {
+            let max = max_of(row);
+            *lse = max + sum_of(vocab, |i| exp(row[i] - max)).ln();
+            *loss = *lse - row[target];
+        }
+    }
+}
+
+/// Gradient of `scale * sum of` [`cross_entropy`]'s losses with respect to the logits, from
+/// each row's `lse`: `scale * (softmax(row) - onehot(target))`. (The mean loss over `n` rows
+/// with upstream gradient `g` has `scale = g / n`.)
+pub fn cross_entropy_backward(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut [f32]) {
+    let block = rows_per_task(vocab);
+    grad.par_chunks_mut(block * vocab)
+        .zip(logits.par_chunks(block * vocab))
+        .zip(targets.par_chunks(block).zip(lse.par_chunks(block)))
+        .for_each(|((grad, logits), (targets, lse))| cross_entropy_backward_rows(logits, targets, lse, vocab, scale, grad));
+}
+
+vectorized! {
+    fn cross_entropy_backward_rows(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut [f32]) {
+        for (((g, row), &target), &lse) in grad.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab)).zip(targets).zip(lse) {
+            for (g, &x) in g.iter_mut().zip(row) {
+                *g = scale * exp(x - lse);
+            }
+            g[target] -= scale;
+        }
+    }
+}
+
 /// Rotary embedding in Hugging Face's rotate-half convention on `x` laid out
 /// `[batch, positions, heads, head_dim]`, with `cos`/`sin` tables `[positions, head_dim]`:
 /// `y = x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`.

@@ -1,6 +1,6 @@
 //! Fused CPU kernels for the parts of a Llama step that Burn runs as chains of small
 //! element-wise ops (RMSNorm, the SwiGLU gate, causal attention and its softmax alone for
-//! decoding with a cache, the rotary embedding, the AdamW update), and for the linear layers,
+//! decoding with a cache, the rotary embedding, the cross-entropy loss, the AdamW update), and for the linear layers,
 //! whose products Burn surrounds with zero-fills and a poorly parallel weight gradient.
 //!
 //! Why: on Burn's CPU backends every element-wise op is its own pass over memory with its own
@@ -29,9 +29,9 @@ use std::cell::Cell;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, DispatchDevice, backend_extension};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 /// The fused ops, implemented for `Flex`, `NdArray` and `Autodiff` over either.
 #[backend_extension(Flex, NdArray, Autodiff)]
@@ -53,6 +53,9 @@ pub trait FusedOps: Backend {
     /// Rotary embedding (rotate-half) of `x` `[batch, positions, heads, head_dim]` with tables
     /// `[positions, head_dim]`; the tables are constants (no gradient).
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Mean cross-entropy `[1]` of logits `[rows, vocab]` against target ids (`rows` of them):
+    /// the mean over rows of `logsumexp(row) - row[target]`. Differentiable in the logits.
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
     /// One AdamW step: the updated parameter and moments (updated in place when no other
     /// tensor shares their buffers). Not differentiable; the inputs are plain values.
     fn adamw(
@@ -135,6 +138,11 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
         cos.into_dispatch(),
         sin.into_dispatch(),
     ))
+}
+
+/// Mean cross-entropy of logits `[rows, vocab]` against target ids; see [`FusedOps::cross_entropy`].
+pub fn cross_entropy<const D: usize>(logits: Tensor<2>, targets: Tensor<D, Int>) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::cross_entropy(logits.into_dispatch(), targets.into_dispatch()))
 }
 
 /// One AdamW step on tensors of the same shape; returns `(param, exp_avg, exp_avg_sq)`.

@@ -3,7 +3,7 @@
 //! gradients of every input, plus determinism under different thread counts.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use kiln::fused::{self, attention, kernels, linear};
 use burn::module::Param;
 use burn::tensor::Gradients;
@@ -213,6 +213,35 @@ fn rotary_matches_the_rotate_half_formula_with_its_gradient() {
 }
 
 #[test]
+fn cross_entropy_matches_log_softmax_and_gather_with_its_gradient() {
+    // 300 rows of a 257-token vocabulary: several tasks of 63 rows, rows that end mid-vector.
+    let (rows, vocab) = (300, 257);
+    let logits = random(rows * vocab, 12, 8.0);
+    let ids: Vec<i32> = (0..rows).map(|i| (i * 97 % vocab) as i32).collect();
+    let run = |device: &Device| {
+        let x = Tensor::<2>::from_data(TensorData::new(logits.clone(), [rows, vocab]), device).require_grad();
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [3, rows / 3]), device);
+        // Through model.rs's entry point, which picks the fused op where it is available; the
+        // factor checks that the upstream gradient reaches the logits' gradient.
+        let loss = kiln::model::cross_entropy(x.clone().reshape([3, rows / 3, vocab]), targets);
+        let grads = loss.clone().mul_scalar(2.5).backward();
+        (values(loss.inner()), values(x.grad(&grads).expect("a gradient")))
+    };
+    let (reference_loss, reference_grad) = fused::composed(|| run(&ndarray()));
+    for (backend, device) in [("flex", flex()), ("ndarray", ndarray()), ("flex without autodiff", Device::flex())] {
+        if device.is_autodiff() {
+            let (loss, grad) = run(&device);
+            assert_close(&format!("cross-entropy on {backend}"), &loss, &reference_loss, 2e-6);
+            assert_close(&format!("cross-entropy gradient on {backend}"), &grad, &reference_grad, 1e-6);
+        } else {
+            let x = Tensor::<2>::from_data(TensorData::new(logits.clone(), [rows, vocab]), &device);
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [rows]), &device);
+            assert_close(&format!("cross-entropy on {backend}"), &values(fused::cross_entropy(x, targets)), &reference_loss, 2e-6);
+        }
+    }
+}
+
+#[test]
 fn the_cpu_backends_use_the_kernels_unless_switched_off_on_the_thread() {
     for device in [flex(), ndarray(), flex().without_autodiff(), ndarray().without_autodiff()] {
         assert!(fused::available(&device, burn::tensor::DType::F32), "{device:?}");
@@ -252,6 +281,11 @@ fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
     // The same values as a linear layer over 1000 tokens of 64 into 64.
     let lin = linear::Dims { tokens: rows, d_in: h, d_out: h };
     let (ly, ldx, ldw) = (linear::forward(&x, &gx[..h * h], lin), linear::input_grad(&gy, &gx[..h * h], lin), linear::weight_grad(&x, &gy, lin));
+    // The same values as 1000 rows of logits over 64 tokens.
+    let ids: Vec<usize> = (0..rows).map(|i| i * 37 % h).collect();
+    let (mut ce, mut lse, mut dce) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * h]);
+    kernels::cross_entropy(&x, &ids, h, &mut ce, &mut lse);
+    kernels::cross_entropy_backward(&x, &ids, &lse, h, 0.01, &mut dce);
     vec![
         ("rms_norm output", y),
         ("rms_norm inverse rms", inv),
@@ -275,6 +309,9 @@ fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
         ("linear output", ly),
         ("linear input gradient", ldx),
         ("linear weight gradient", ldw),
+        ("cross-entropy losses", ce),
+        ("cross-entropy log-sum-exp", lse),
+        ("cross-entropy gradient", dce),
     ]
 }
 
