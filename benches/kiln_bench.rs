@@ -35,14 +35,19 @@ struct Shape {
     intermediate: usize,
     batch: usize,
     seq_len: usize,
+    /// Size of a byte-level BPE vocabulary trained on the corpus; `None`: its characters.
+    bpe_vocab: Option<usize>,
 }
 
 /// configs/tiny.toml.
-const TINY: Shape = Shape { name: "tiny (0.9M)", hidden: 128, layers: 4, heads: 4, intermediate: 384, batch: 16, seq_len: 64 };
+const TINY: Shape = Shape { name: "tiny (0.9M)", hidden: 128, layers: 4, heads: 4, intermediate: 384, batch: 16, seq_len: 64, bpe_vocab: None };
 /// configs/small-10m.toml.
-const SMALL: Shape = Shape { name: "small (10.7M)", hidden: 384, layers: 6, heads: 6, intermediate: 1024, batch: 16, seq_len: 128 };
+const SMALL: Shape = Shape { name: "small (10.7M)", hidden: 384, layers: 6, heads: 6, intermediate: 1024, batch: 16, seq_len: 128, bpe_vocab: None };
+/// The small shape with a real tokenizer's vocabulary, where the output layer and the loss
+/// weigh as much as the layers below them.
+const SMALL_BPE: Shape = Shape { name: "small with an 8,192-token BPE (16.9M)", bpe_vocab: Some(8192), ..SMALL };
 /// About 100M parameters, for checkpoint I/O.
-const LARGE: Shape = Shape { name: "100M", hidden: 768, layers: 14, heads: 12, intermediate: 2048, batch: 1, seq_len: 16 };
+const LARGE: Shape = Shape { name: "100M", hidden: 768, layers: 14, heads: 12, intermediate: 2048, batch: 1, seq_len: 16, bpe_vocab: None };
 
 struct Row {
     benchmark: String,
@@ -63,9 +68,13 @@ fn repo() -> PathBuf {
 }
 
 fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
+    let tokenizer = match shape.bpe_vocab {
+        Some(vocab) => format!("tokenizer = \"bpe\"\nvocab_size = {vocab}\n"),
+        None => String::new(),
+    };
     let text = format!(
         "output_dir = {out:?}\n[model]\nhidden_size = {}\nnum_layers = {}\nnum_heads = {}\nnum_kv_heads = {}\n\
-         intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\nseq_len = {}\n\
+         intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\nseq_len = {}\n{tokenizer}\
          [training]\nbackend = \"{}\"\nbatch_size = {}\nmax_steps = 100000\neval_batches = 1\n\
          [checkpoint]\nsave_every_steps = 0\nsave_every_epochs = 0\n[export]\non_best = false\nat_end = false\n",
         shape.hidden,
@@ -131,7 +140,7 @@ fn kiln_train(shape: Shape, backend: BackendKind, warmup: usize, steps: usize) -
 }
 
 fn train_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
-    for (shape, steps) in [(TINY, if quick { 8 } else { 20 }), (SMALL, if quick { 3 } else { 8 })] {
+    for (shape, steps) in [(TINY, if quick { 8 } else { 20 }), (SMALL, if quick { 3 } else { 8 }), (SMALL_BPE, if quick { 2 } else { 6 })] {
         let (mut flex, mut composed, mut ndarray, mut torch) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             let (t, vocab) = kiln_train(shape, BackendKind::Flex, 3, steps)?;
@@ -417,7 +426,7 @@ fn generate_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
 /// GPT-2 small's body (768 wide, 12 layers, 12 heads) as a Llama with a SwiGLU MLP: 113M
 /// parameters with the corpus' small vocabulary (GPT-2's 124M count includes a 50257-token
 /// embedding).
-const GPT2_SMALL: Shape = Shape { name: "GPT-2-small-sized (113M)", hidden: 768, layers: 12, heads: 12, intermediate: 3072, batch: 8, seq_len: 512 };
+const GPT2_SMALL: Shape = Shape { name: "GPT-2-small-sized (113M)", hidden: 768, layers: 12, heads: 12, intermediate: 3072, batch: 8, seq_len: 512, bpe_vocab: None };
 
 /// The GPU backends this build has and this machine can run.
 fn gpu_backends() -> Result<Vec<BackendKind>> {
