@@ -470,10 +470,11 @@ pub fn export_checkpoint(
     let names = crate::params::hf_param_names(&s.model);
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        let (info, bytes) = ck.weights.read_raw(&name)?;
+        let info = ck.weights.info(&name)?;
         if info.dtype != safetensors::Dtype::F32 {
             bail!("{}: `{name}` is {:?}; kiln checkpoints hold F32", ck.paths.weights.display(), info.dtype);
         }
+        let bytes = ck.weights.read_bytes(info)?;
         tensors.push(PendingTensor::from_bytes(name, info.dtype, info.shape.clone(), bytes));
     }
     let bundle_name = dir

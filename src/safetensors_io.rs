@@ -392,7 +392,8 @@ impl SafetensorsFile {
         self.metadata.info(name).is_some()
     }
 
-    fn info(&self, name: &str) -> Result<&TensorInfo, ReadError> {
+    /// One tensor's dtype, shape and place in the file, without reading it.
+    pub fn info(&self, name: &str) -> Result<&TensorInfo, ReadError> {
         self.metadata.info(name).ok_or_else(|| ReadError::Missing {
             path: self.path.clone(),
             name: name.to_string(),
@@ -402,9 +403,14 @@ impl SafetensorsFile {
     /// One tensor's info and little-endian bytes.
     pub fn read_raw(&self, name: &str) -> Result<(&TensorInfo, Vec<u8>), ReadError> {
         let info = self.info(name)?;
+        Ok((info, self.read_bytes(info)?))
+    }
+
+    /// The little-endian bytes of the tensor `info` (from [`SafetensorsFile::info`]) describes.
+    pub fn read_bytes(&self, info: &TensorInfo) -> Result<Vec<u8>, ReadError> {
         let mut bytes = vec![0u8; info.data_offsets.1 - info.data_offsets.0];
         self.read_tensor(info, &mut bytes)?;
-        Ok((info, bytes))
+        Ok(bytes)
     }
 
     /// One tensor as f32 values, converting from F16 or BF16; its shape must be `expected`
@@ -438,14 +444,12 @@ impl SafetensorsFile {
                 values
             }
             Dtype::F16 => self
-                .read_raw(name)?
-                .1
+                .read_bytes(info)?
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
             Dtype::BF16 => self
-                .read_raw(name)?
-                .1
+                .read_bytes(info)?
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
