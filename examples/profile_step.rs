@@ -7,7 +7,9 @@
 //! Arguments: SHAPE (tiny | small), BACKEND (flex | ndarray), STEPS, and optionally VOCAB: a
 //! byte-level BPE vocabulary of that size trained on the corpus instead of its characters (the
 //! size real tokenizers give the output layer and the loss). Prints the median time of the
-//! forward pass (loss), the backward pass and the optimizer step after one warm-up step.
+//! forward pass (loss), the backward pass and the optimizer step after one warm-up step. (With
+//! the fused kernels the output layer's gradients are computed with the loss, so they count in
+//! the forward pass.)
 
 use std::time::Instant;
 

@@ -447,9 +447,22 @@ impl LlamaForCausalLM {
     pub fn forward_with(
         &self,
         tokens: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+        dropout: Option<&mut DropoutMasks>,
+    ) -> Tensor<3> {
+        let [b, s] = tokens.dims();
+        let logits = self.output_layer(self.hidden_states(tokens, cache, dropout));
+        let vocab = logits.dims()[1];
+        logits.reshape([b, s, vocab])
+    }
+
+    /// The final (normalised) hidden states `[batch * seq, hidden]` that the output layer reads.
+    fn hidden_states(
+        &self,
+        tokens: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
         mut dropout: Option<&mut DropoutMasks>,
-    ) -> Tensor<3> {
+    ) -> Tensor<2> {
         let mut drop = |x: Tensor<2>| match dropout.as_deref_mut() {
             Some(masks) => masks.apply(x),
             None => x,
@@ -472,25 +485,46 @@ impl LlamaForCausalLM {
             let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
             x = x + drop(mlp);
         }
-        let x = self.model.norm.forward(x);
-        let logits = match &self.lm_head {
+        self.model.norm.forward(x)
+    }
+
+    /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
+    fn output_layer(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.lm_head {
             Some(head) => project(head, x),
             None => x.matmul(self.model.embed_tokens.weight.val().transpose()),
-        };
-        let vocab = logits.dims()[1];
-        logits.reshape([b, s, vocab])
+        }
     }
 
     /// Mean next-token cross-entropy (nats/token) of `targets` under `forward(inputs)`.
     pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
-        cross_entropy(self.forward(inputs), targets)
+        self.loss_with(inputs, targets, None)
     }
 
     /// The training loss, with dropout masks drawn from a stream seeded by `dropout_seed`.
     pub fn train_loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>, dropout_seed: u64) -> Tensor<1> {
         let mut masks = DropoutMasks::new(self.dropout, dropout_seed);
-        let masks = (self.dropout > 0.0).then_some(&mut masks);
-        cross_entropy(self.forward_with(inputs, None, masks), targets)
+        self.loss_with(inputs, targets, (self.dropout > 0.0).then_some(&mut masks))
+    }
+
+    fn loss_with(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>, dropout: Option<&mut DropoutMasks>) -> Tensor<1> {
+        let [b, s] = inputs.dims();
+        let x = self.hidden_states(inputs, None, dropout);
+        // Where the fused kernels run, the output layer and the loss are one op that never
+        // holds all the logits (the largest tensor of a step with a real vocabulary).
+        if fused::available(&x.device(), x.dtype()) {
+            let head = match &self.lm_head {
+                Some(head) if head.bias.is_none() => Some((head.weight.val(), fused::linear_cross_entropy::Layout::HiddenVocab)),
+                Some(_) => None,
+                None => Some((self.model.embed_tokens.weight.val(), fused::linear_cross_entropy::Layout::VocabHidden)),
+            };
+            if let Some((weight, layout)) = head {
+                return fused::linear_cross_entropy(x, weight, targets, layout);
+            }
+        }
+        let logits = self.output_layer(x);
+        let vocab = logits.dims()[1];
+        cross_entropy(logits.reshape([b, s, vocab]), targets)
     }
 }
 

@@ -9,6 +9,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, AutodiffBackend};
 
 use super::host::{self, Host};
+use super::linear_cross_entropy::{Layout, Wanted};
 use super::{FusedOps, kernels};
 
 /// Hands each gradient to its parent, skipping parents that do not require one. (A macro
@@ -133,6 +134,25 @@ impl<B: Host> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct LinearCrossEntropyBackward;
+
+impl<B: Host> Backward<B, 2> for LinearCrossEntropyBackward {
+    /// The gradients of the mean loss with respect to the input and the weight (each only when
+    /// that parent requires one), computed by the forward pass.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (dx, dw) = ops.state;
+        let g = B::values(&grads.consume::<B>(&ops.node))[0];
+        for (parent, grad) in ops.parents.into_iter().zip([dx, dw]) {
+            if let (Some(parent), Some(grad)) = (parent, grad) {
+                grads.register::<B>(parent.id, host::scaled::<B>(grad, g));
+            }
+        }
+    }
+}
+
 impl<B: Host, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let (y, inv_rms) = host::rms_norm_forward::<B>(x.primitive(), weight.primitive(), eps);
@@ -193,6 +213,21 @@ impl<B: Host, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         match CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((logits.into_primitive(), ids, lse), loss),
             OpsKind::UnTracked(prep) => prep.finish(loss),
+        }
+    }
+
+    fn linear_cross_entropy(x: FloatTensor<Self>, weight: FloatTensor<Self>, targets: IntTensor<Self>, layout: Layout) -> FloatTensor<Self> {
+        // The gradients come out of the same pass over the logits as the loss, so which ones to
+        // compute is decided here, from which inputs require one.
+        let wanted = Wanted { input: x.is_tracked(), weight: weight.is_tracked() };
+        match LinearCrossEntropyBackward.prepare::<C>([x.node(), weight.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (loss, dx, dw) = host::linear_cross_entropy::<B>(x.primitive(), weight.primitive(), &targets, layout, wanted);
+                prep.finish((dx, dw), loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(host::linear_cross_entropy::<B>(x.primitive(), weight.primitive(), &targets, layout, Wanted::NONE).0)
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use burn::backend::{Flex, NdArray, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
 use super::matmul::{filled, filled_many};
+use super::linear_cross_entropy::{self, Dims as LceDims, Layout, Wanted};
 use super::{FusedOps, attention, kernels, linear};
 
 /// A CPU backend whose `f32` tensors the kernels read as slices and build from vectors.
@@ -200,10 +201,44 @@ pub(super) fn cross_entropy_forward<B: Host>(logits: &FloatTensor<B>, targets: &
     let [losses, lse] = unsafe {
         filled_many([rows, rows], |[losses, lse]| kernels::cross_entropy(&B::values(logits), &ids, vocab, losses.whole(), lse.whole()))
     };
-    // Summed in row order (in f64, as the losses of a long batch add up), so the loss is the
-    // same on any number of threads.
-    let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / rows as f64;
-    (B::tensor(vec![mean as f32], Shape::new([1])), B::tensor(lse, Shape::new([rows])), ids)
+    (B::tensor(vec![kernels::mean_loss(&losses)], Shape::new([1])), B::tensor(lse, Shape::new([rows])), ids)
+}
+
+/// The mean loss `[1]` of the output layer `x W` against `targets`, and the gradients of it
+/// that `wanted` asks for (the input's, the weight's in its own layout).
+pub(super) fn linear_cross_entropy<B: Host>(
+    x: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
+    targets: &IntTensor<B>,
+    layout: Layout,
+    wanted: Wanted,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>, Option<FloatTensor<B>>) {
+    let (xs, ws) = (x.shape(), weight.shape());
+    assert!(xs.num_dims() == 2 && ws.num_dims() == 2, "the output layer takes a [tokens, hidden] input and a 2-D weight");
+    let (hidden, vocab) = match layout {
+        Layout::HiddenVocab => (ws[0], ws[1]),
+        Layout::VocabHidden => (ws[1], ws[0]),
+    };
+    assert_eq!(xs[1], hidden, "output layer input {xs:?} does not match its weight {ws:?} ({layout:?})");
+    assert_eq!(xs[0], targets.shape().num_elements(), "{xs:?} inputs but {:?} targets", targets.shape());
+    let dims = LceDims { tokens: xs[0], hidden, vocab, layout };
+    let ids = target_ids::<B>(targets, vocab);
+    let out = linear_cross_entropy::forward(&B::values(x), &B::values(weight), &ids, dims, wanted, dims.slice_tokens());
+    (
+        B::tensor(vec![kernels::mean_loss(&out.losses)], Shape::new([1])),
+        out.input_grad.map(|g| B::tensor(g, xs)),
+        out.weight_grad.map(|g| B::tensor(g, ws)),
+    )
+}
+
+/// `t * factor`, in place where `t` owns its buffer (a gradient from the forward pass times the
+/// upstream gradient, which is 1 unless the loss was scaled).
+pub(super) fn scaled<B: Host>(t: FloatTensor<B>, factor: f32) -> FloatTensor<B> {
+    if factor == 1.0 {
+        return t;
+    }
+    let [t] = B::update([t], |[v]| v.iter_mut().for_each(|x| *x *= factor));
+    t
 }
 
 /// The logits' gradient, given the gradient `g` `[1]` of the mean loss.
@@ -343,6 +378,10 @@ macro_rules! host_fused_ops {
 
             fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
                 cross_entropy_forward::<Self>(&logits, &targets).0
+            }
+
+            fn linear_cross_entropy(x: FloatTensor<Self>, weight: FloatTensor<Self>, targets: IntTensor<Self>, layout: Layout) -> FloatTensor<Self> {
+                linear_cross_entropy::<Self>(&x, &weight, &targets, layout, Wanted::NONE).0
             }
 
             fn adamw(

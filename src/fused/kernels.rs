@@ -359,6 +359,38 @@ vectorized! {
     }
 }
 
+/// The mean of per-row losses, summed in row order in `f64` (a long batch's losses add up), so
+/// it is the same on any number of threads.
+pub fn mean_loss(losses: &[f32]) -> f32 {
+    (losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len().max(1) as f64) as f32
+}
+
+/// [`cross_entropy`] and [`cross_entropy_backward`] in one pass over each row: the logits are
+/// overwritten with their gradient `scale * (softmax(row) - onehot(target))` (bit for bit what
+/// the backward kernel writes) while the row is still in cache. For a loss whose logits are
+/// needed only for their gradient (the fused output layer).
+pub fn cross_entropy_in_place(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut [f32]) {
+    let block = rows_per_task(vocab);
+    losses
+        .par_chunks_mut(block)
+        .zip(logits.par_chunks_mut(block * vocab).zip(targets.par_chunks(block)))
+        .for_each(|(losses, (logits, targets))| cross_entropy_in_place_rows(logits, targets, vocab, scale, losses));
+}
+
+vectorized! {
+    fn cross_entropy_in_place_rows(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut [f32]) {
+        for ((row, &target), loss) in logits.chunks_exact_mut(vocab).zip(targets).zip(losses) {
+            let max = max_of(row);
+            let lse = max + sum_of(vocab, |i| exp(row[i] - max)).ln();
+            *loss = lse - row[target];
+            for x in row.iter_mut() {
+                *x = scale * exp(*x - lse);
+            }
+            row[target] -= scale;
+        }
+    }
+}
+
 /// Rotary embedding in Hugging Face's rotate-half convention on `x` laid out
 /// `[batch, positions, heads, head_dim]`, with `cos`/`sin` tables `[positions, head_dim]`:
 /// `y = x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x2, x1)`.

@@ -1,6 +1,7 @@
 //! Fused CPU kernels for the parts of a Llama step that Burn runs as chains of small
 //! element-wise ops (RMSNorm, the SwiGLU gate, causal attention and its softmax alone for
-//! decoding with a cache, the rotary embedding, the cross-entropy loss, the AdamW update), and for the linear layers,
+//! decoding with a cache, the rotary embedding, the cross-entropy loss and the output layer
+//! fused with it, the AdamW update), and for the linear layers,
 //! whose products Burn surrounds with zero-fills and a poorly parallel weight gradient.
 //!
 //! Why: on Burn's CPU backends every element-wise op is its own pass over memory with its own
@@ -23,6 +24,7 @@ mod autodiff;
 mod host;
 pub mod kernels;
 pub mod linear;
+pub mod linear_cross_entropy;
 mod matmul;
 
 use std::cell::Cell;
@@ -56,6 +58,16 @@ pub trait FusedOps: Backend {
     /// Mean cross-entropy `[1]` of logits `[rows, vocab]` against target ids (`rows` of them):
     /// the mean over rows of `logsumexp(row) - row[target]`. Differentiable in the logits.
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
+    /// [`FusedOps::cross_entropy`] of the output layer's logits `x W` against the targets, for
+    /// `x` `[tokens, hidden]` and a bias-free weight laid out as `layout` says, without ever
+    /// holding all the logits (see [`linear_cross_entropy`]). Differentiable in `x` and the
+    /// weight.
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        layout: linear_cross_entropy::Layout,
+    ) -> FloatTensor<Self>;
     /// One AdamW step: the updated parameter and moments (updated in place when no other
     /// tensor shares their buffers). Not differentiable; the inputs are plain values.
     fn adamw(
@@ -143,6 +155,22 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
 /// Mean cross-entropy of logits `[rows, vocab]` against target ids; see [`FusedOps::cross_entropy`].
 pub fn cross_entropy<const D: usize>(logits: Tensor<2>, targets: Tensor<D, Int>) -> Tensor<1> {
     Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::cross_entropy(logits.into_dispatch(), targets.into_dispatch()))
+}
+
+/// The mean cross-entropy of the output layer `x W` against target ids; see
+/// [`FusedOps::linear_cross_entropy`].
+pub fn linear_cross_entropy<const D: usize>(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    targets: Tensor<D, Int>,
+    layout: linear_cross_entropy::Layout,
+) -> Tensor<1> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::linear_cross_entropy(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        targets.into_dispatch(),
+        layout,
+    ))
 }
 
 /// One AdamW step on tensors of the same shape; returns `(param, exp_avg, exp_avg_sq)`.

@@ -4,6 +4,7 @@
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use kiln::fused::linear_cross_entropy::{self as lce, Layout};
 use kiln::fused::{self, attention, kernels, linear};
 use burn::module::Param;
 use burn::tensor::Gradients;
@@ -241,6 +242,115 @@ fn cross_entropy_matches_log_softmax_and_gather_with_its_gradient() {
     }
 }
 
+/// The output layer and the loss as Burn composes them: the reference for the fused op.
+fn composed_linear_cross_entropy(x: Tensor<2>, w: Tensor<2>, targets: Tensor<1, Int>, layout: Layout) -> Tensor<1> {
+    let logits = match layout {
+        Layout::HiddenVocab => x.matmul(w),
+        Layout::VocabHidden => x.matmul(w.transpose()),
+    };
+    let [rows, vocab] = logits.dims();
+    fused::composed(|| kiln::model::cross_entropy(logits.reshape([1, rows, vocab]), targets.reshape([1, rows])))
+}
+
+#[test]
+fn linear_cross_entropy_matches_the_output_layer_then_the_loss_with_both_gradients() {
+    // 600 tokens of an 8,192-token vocabulary: two slices of logits (512 and 88 tokens).
+    let (tokens, hidden, vocab) = (600, 48, 8192);
+    let x = random(tokens * hidden, 41, 1.0);
+    let w = random(hidden * vocab, 42, 0.5);
+    let ids: Vec<i32> = (0..tokens).map(|i| (i * 7919 % vocab) as i32).collect();
+    for layout in [Layout::HiddenVocab, Layout::VocabHidden] {
+        let w_dims = match layout {
+            Layout::HiddenVocab => [hidden, vocab],
+            Layout::VocabHidden => [vocab, hidden],
+        };
+        let run = |device: &Device, fused_op: bool| {
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [tokens, hidden]), device).require_grad();
+            let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), w_dims), device).require_grad();
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [tokens]), device);
+            let loss = if fused_op {
+                fused::linear_cross_entropy(xt.clone(), wt.clone(), targets, layout)
+            } else {
+                composed_linear_cross_entropy(xt.clone(), wt.clone(), targets, layout)
+            };
+            // The factor checks that the upstream gradient reaches both gradients.
+            let grads = loss.clone().mul_scalar(2.5).backward();
+            let grad = |t: &Tensor<2>| values(t.grad(&grads).expect("a gradient"));
+            (values(loss.inner()), grad(&xt), grad(&wt))
+        };
+        let (loss, dx, dw) = run(&ndarray(), false);
+        for (backend, device) in [("flex", flex()), ("ndarray", ndarray())] {
+            let (f_loss, f_dx, f_dw) = run(&device, true);
+            let what = format!("{layout:?} on {backend}");
+            assert_close(&format!("loss, {what}"), &f_loss, &loss, 2e-6);
+            assert_close(&format!("input gradient, {what}"), &f_dx, &dx, 1e-6);
+            assert_close(&format!("weight gradient, {what}"), &f_dw, &dw, 1e-6);
+        }
+        // Without autodiff: the loss alone.
+        let device = Device::flex();
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [tokens, hidden]), &device);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), w_dims), &device);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(ids.clone(), [tokens]), &device);
+        assert_close(&format!("loss, {layout:?} without autodiff"), &values(fused::linear_cross_entropy(xt, wt, targets, layout)), &loss, 2e-6);
+    }
+}
+
+#[test]
+fn linear_cross_entropy_gives_a_frozen_weight_no_gradient_and_its_input_the_right_one() {
+    let (tokens, hidden, vocab) = (20, 8, 30);
+    let device = flex();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new((0..tokens as i32).collect::<Vec<_>>(), [tokens]), &device);
+    let input = || Tensor::<2>::from_data(TensorData::new(random(tokens * hidden, 43, 1.0), [tokens, hidden]), &device).require_grad();
+    let w = Tensor::<2>::from_data(TensorData::new(random(hidden * vocab, 44, 1.0), [hidden, vocab]), &device);
+    let x = input();
+    let grads = fused::linear_cross_entropy(x.clone(), w.clone(), targets.clone(), Layout::HiddenVocab).backward();
+    assert!(w.grad(&grads).is_none(), "a weight that requires no gradient got one");
+    let x_ref = input();
+    let ref_grads = composed_linear_cross_entropy(x_ref.clone(), w, targets, Layout::HiddenVocab).backward();
+    assert_close("input gradient", &values(x.grad(&grads).unwrap()), &values(x_ref.grad(&ref_grads).unwrap()), 1e-6);
+}
+
+#[test]
+fn linear_cross_entropy_slices_change_no_loss_and_no_gradient_beyond_rounding() {
+    // Every slice size from one token to all of them, through the slice-level function.
+    let (tokens, hidden, vocab) = (300, 24, 257);
+    let x = random(tokens * hidden, 45, 1.0);
+    let w = random(vocab * hidden, 46, 0.5);
+    let ids: Vec<usize> = (0..tokens).map(|i| i * 97 % vocab).collect();
+    let dims = lce::Dims { tokens, hidden, vocab, layout: Layout::VocabHidden };
+    let all = lce::Wanted { input: true, weight: true };
+    let whole = lce::forward(&x, &w, &ids, dims, all, tokens);
+    let (dx, dw) = (whole.input_grad.clone().unwrap(), whole.weight_grad.clone().unwrap());
+    for slice in [1, 7, 64, 299] {
+        let sliced = lce::forward(&x, &w, &ids, dims, all, slice);
+        // (gemm picks its kernel by shape, so a row's logits may round differently in a slice
+        // of another size.)
+        assert_close(&format!("losses, slices of {slice}"), &sliced.losses, &whole.losses, 1e-6);
+        assert_close(&format!("input gradient, slices of {slice}"), sliced.input_grad.as_ref().unwrap(), &dx, 1e-6);
+        assert_close(&format!("weight gradient, slices of {slice}"), sliced.weight_grad.as_ref().unwrap(), &dw, 1e-6);
+        let loss_only = lce::forward(&x, &w, &ids, dims, lce::Wanted::NONE, slice);
+        assert_eq!(loss_only.losses, sliced.losses, "losses without gradients, slices of {slice}");
+        assert!(loss_only.input_grad.is_none() && loss_only.weight_grad.is_none());
+    }
+    let input_only = lce::forward(&x, &w, &ids, dims, lce::Wanted { input: true, weight: false }, 64);
+    assert!(input_only.weight_grad.is_none());
+    assert_close("input gradient alone", input_only.input_grad.as_ref().unwrap(), &dx, 1e-6);
+}
+
+#[test]
+fn the_in_place_loss_kernel_writes_the_bits_of_the_loss_and_gradient_kernels() {
+    let (rows, vocab) = (300, 257);
+    let logits = random(rows * vocab, 47, 8.0);
+    let ids: Vec<usize> = (0..rows).map(|i| i * 31 % vocab).collect();
+    let (mut losses, mut lse, mut grad) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * vocab]);
+    kernels::cross_entropy(&logits, &ids, vocab, &mut losses, &mut lse);
+    kernels::cross_entropy_backward(&logits, &ids, &lse, vocab, 0.003, &mut grad);
+    let (mut in_place, mut in_place_losses) = (logits.clone(), vec![0.0; rows]);
+    kernels::cross_entropy_in_place(&mut in_place, &ids, vocab, 0.003, &mut in_place_losses);
+    assert_eq!(in_place_losses, losses);
+    assert_eq!(in_place, grad);
+}
+
 #[test]
 fn the_cpu_backends_use_the_kernels_unless_switched_off_on_the_thread() {
     for device in [flex(), ndarray(), flex().without_autodiff(), ndarray().without_autodiff()] {
@@ -286,6 +396,12 @@ fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
     let (mut ce, mut lse, mut dce) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * h]);
     kernels::cross_entropy(&x, &ids, h, &mut ce, &mut lse);
     kernels::cross_entropy_backward(&x, &ids, &lse, h, 0.01, &mut dce);
+    let mut dce_in_place = x.clone();
+    let mut ce_in_place = vec![0.0; rows];
+    kernels::cross_entropy_in_place(&mut dce_in_place, &ids, h, 0.01, &mut ce_in_place);
+    // As an output layer from 1000 tokens of 64 into a vocabulary of 64, in slices of 300.
+    let head = lce::Dims { tokens: rows, hidden: h, vocab: h, layout: Layout::HiddenVocab };
+    let fused_head = lce::forward(&x, &gx[..h * h], &ids, head, lce::Wanted { input: true, weight: true }, 300);
     vec![
         ("rms_norm output", y),
         ("rms_norm inverse rms", inv),
@@ -312,6 +428,11 @@ fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
         ("cross-entropy losses", ce),
         ("cross-entropy log-sum-exp", lse),
         ("cross-entropy gradient", dce),
+        ("cross-entropy in place losses", ce_in_place),
+        ("cross-entropy in place gradient", dce_in_place),
+        ("output layer and loss: losses", fused_head.losses),
+        ("output layer and loss: input gradient", fused_head.input_grad.unwrap()),
+        ("output layer and loss: weight gradient", fused_head.weight_grad.unwrap()),
     ]
 }
 
@@ -350,7 +471,13 @@ fn kernels_give_identical_bits_on_every_vector_instruction_set() {
 
 #[test]
 fn whole_model_loss_and_gradients_match_between_fused_and_composed_ops() {
-    let shape = LlamaShape {
+    for tie_word_embeddings in [false, true] {
+        whole_model_matches(LlamaShape { tie_word_embeddings, ..small_shape() });
+    }
+}
+
+fn small_shape() -> LlamaShape {
+    LlamaShape {
         vocab_size: 40,
         hidden_size: 32,
         num_layers: 2,
@@ -361,7 +488,10 @@ fn whole_model_loss_and_gradients_match_between_fused_and_composed_ops() {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: false,
-    };
+    }
+}
+
+fn whole_model_matches(shape: LlamaShape) {
     let ids: Vec<i32> = (0..2 * 12).map(|i| (i * 7 % 40) as i32).collect();
     let run = |device: &Device| {
         let model = LlamaForCausalLM::init(&shape, 0.2, 0.0, 11, device);
@@ -377,8 +507,9 @@ fn whole_model_loss_and_gradients_match_between_fused_and_composed_ops() {
         collect.all
     };
     let reference = fused::composed(|| run(&ndarray()));
-    assert_close("model loss and gradients on flex", &run(&flex()), &reference, 2e-5);
-    assert_close("model loss and gradients on ndarray", &run(&ndarray()), &reference, 2e-5);
+    let tied = shape.tie_word_embeddings;
+    assert_close(&format!("model loss and gradients on flex (tied: {tied})"), &run(&flex()), &reference, 2e-5);
+    assert_close(&format!("model loss and gradients on ndarray (tied: {tied})"), &run(&ndarray()), &reference, 2e-5);
 }
 
 /// Every parameter's gradient, in module order.
