@@ -60,10 +60,8 @@ fn last_logits(model: &LlamaForCausalLM, ids: &[u32], cache: &mut KvCache, devic
     let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let n = input.len();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(input, [1, n]), device);
-    let logits = model.forward_cached(tokens, Some(cache));
-    let [_, s, v] = logits.dims();
-    logits
-        .slice([0..1, s - 1..s, 0..v])
+    model
+        .last_logits(tokens, Some(cache))
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

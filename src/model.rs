@@ -442,6 +442,17 @@ impl LlamaForCausalLM {
         self.forward_with(tokens, cache, None)
     }
 
+    /// Logits `[batch, vocab]` of the last position only, continuing from (and extending)
+    /// `cache` as [`Self::forward_cached`] does: all that sampling the next token needs, without
+    /// the output layer's product for every other position of a prompt.
+    pub fn last_logits(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<2> {
+        let [b, s] = tokens.dims();
+        let x = self.hidden_states(tokens, cache, None);
+        let hidden = x.dims()[1];
+        let last = x.reshape([b, s, hidden]).slice([0..b, s - 1..s, 0..hidden]).reshape([b, hidden]);
+        self.output_layer(last)
+    }
+
     /// The full forward pass; `dropout` (training only) masks the embeddings and each residual
     /// branch.
     pub fn forward_with(

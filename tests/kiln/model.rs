@@ -99,6 +99,26 @@ fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
 }
 
 #[test]
+fn last_logits_are_the_last_position_of_a_full_forward_for_each_sequence() {
+    let device = Device::flex();
+    for tied in [false, true] {
+        let model = LlamaForCausalLM::init(&shape(2, tied), 0.3, 0.0, 5, &device);
+        let ids: Vec<i32> = (0..2 * 7).map(|i| i * 13 % 50).collect();
+        let batch = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [2, 7]), &device);
+        let full = logits_vec(model.forward(batch.clone()));
+        let mut cache = KvCache::new(2);
+        let last = logits_vec(model.last_logits(batch, Some(&mut cache)).unsqueeze_dim(1));
+        assert_eq!(cache.len(), 7, "last_logits fills the cache as forward_cached does");
+        assert_eq!(last.len(), 2 * 50);
+        for (seq, want) in [&full[6 * 50..7 * 50], &full[13 * 50..14 * 50]].into_iter().enumerate() {
+            let got = &last[seq * 50..(seq + 1) * 50];
+            let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff < 1e-5, "sequence {seq} (tied: {tied}): last logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
 fn initialisation_is_seeded_and_backend_independent() {
     let s = shape(2, false);
     let a = params::named_tensors(&LlamaForCausalLM::init(&s, 0.02, 0.0, 9, &Device::flex()));
