@@ -149,6 +149,13 @@ fn max_of(values: &[f32]) -> f32 {
     acc.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a))
 }
 
+/// `ln(sum(exp(row)))`, shifted by the row's maximum so that no term overflows.
+#[inline(always)]
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = max_of(row);
+    max + sum_of(row.len(), |i| exp(row[i] - max)).ln()
+}
+
 /// RMSNorm over rows of `weight.len()`: `y = x / sqrt(mean(x^2) + eps) * weight`; also returns
 /// each row's `1 / sqrt(mean(x^2) + eps)` for the backward pass.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
@@ -330,8 +337,7 @@ pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, losses: &m
 vectorized! {
     fn cross_entropy_rows(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut [f32], lse: &mut [f32]) {
         for (((row, &target), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(losses).zip(lse) {
-            let max = max_of(row);
-            *lse = max + sum_of(vocab, |i| exp(row[i] - max)).ln();
+            *lse = log_sum_exp(row);
             *loss = *lse - row[target];
         }
     }
@@ -380,8 +386,7 @@ pub fn cross_entropy_in_place(logits: &mut [f32], targets: &[usize], vocab: usiz
 vectorized! {
     fn cross_entropy_in_place_rows(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut [f32]) {
         for ((row, &target), loss) in logits.chunks_exact_mut(vocab).zip(targets).zip(losses) {
-            let max = max_of(row);
-            let lse = max + sum_of(vocab, |i| exp(row[i] - max)).ln();
+            let lse = log_sum_exp(row);
             *loss = lse - row[target];
             for x in row.iter_mut() {
                 *x = scale * exp(*x - lse);
