@@ -138,6 +138,16 @@ impl NamedVisitor for Collector {
 /// in Hugging Face layout, or an error message.
 pub trait ParamSource {
     fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String>;
+
+    /// The values of a Linear weight (Hugging Face `[out, in]`, `hf_shape`) transposed to
+    /// Burn's `[in, out]`. Sources that can transpose while they read override this.
+    fn transposed_values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        let values = self.values(name, hf_shape)?;
+        match *hf_shape {
+            [rows, cols] if values.len() == rows * cols => Ok(transpose(&values, rows, cols)),
+            _ => Err(format!("{name}: got {} values for shape {hf_shape:?}", values.len())),
+        }
+    }
 }
 
 impl<F: FnMut(&str, &[usize]) -> Result<Vec<f32>, String>> ParamSource for F {
@@ -176,7 +186,15 @@ impl NamedMapper for Loader<'_> {
         if transposed {
             hf_shape.swap(0, 1);
         }
-        let values = match self.source.values(name, &hf_shape) {
+        // Linear weights are transposed on the host so the parameter is contiguous, exactly as
+        // a freshly initialised one: a strided weight could take another kernel path and round
+        // differently.
+        let values = if transposed {
+            self.source.transposed_values(name, &hf_shape)
+        } else {
+            self.source.values(name, &hf_shape)
+        };
+        let values = match values {
             Ok(v) if v.len() == hf_shape.iter().product::<usize>() => v,
             Ok(v) => {
                 self.errors.push(format!(
@@ -192,13 +210,6 @@ impl NamedMapper for Loader<'_> {
         };
         let require_grad = tensor.is_require_grad();
         let device = tensor.device();
-        // Transpose on the host so the parameter is contiguous, exactly as a freshly initialised
-        // one: a strided weight could take another kernel path and round differently.
-        let values = if transposed {
-            transpose(&values, hf_shape[0], hf_shape[1])
-        } else {
-            values
-        };
         let data = burn::tensor::TensorData::new(values, burn_shape.to_vec());
         let loaded: Tensor<D> = Tensor::from_data(data, &device.clone().without_autodiff());
         let mut loaded = if device.is_autodiff() {

@@ -420,17 +420,7 @@ impl SafetensorsFile {
         name: &str,
         expected: Option<&[usize]>,
     ) -> Result<(Vec<f32>, Vec<usize>), ReadError> {
-        let info = self.info(name)?;
-        if let Some(expected) = expected
-            && info.shape != expected
-        {
-            return Err(ReadError::Shape {
-                path: self.path.clone(),
-                name: name.to_string(),
-                found: info.shape.clone(),
-                expected: expected.to_vec(),
-            });
-        }
+        let info = self.shaped_info(name, expected)?;
         let values = match info.dtype {
             // Straight into the returned buffer: no intermediate copy of the bytes.
             Dtype::F32 => {
@@ -464,6 +454,70 @@ impl SafetensorsFile {
         Ok((values, info.shape.clone()))
     }
 
+    /// A 2-D tensor of shape `[rows, cols]` as f32 values transposed to `[cols, rows]`, as a
+    /// Linear weight (or its optimizer state) goes from Hugging Face to Burn layout. An F32
+    /// tensor is transposed on its way in: each task reads a strip of rows into a buffer that
+    /// stays in cache and scatters it into the output, so the values pass through memory once,
+    /// and the output is never cleared first (reading, then transposing into a cleared buffer
+    /// wrote the memory three times; that was most of a resume's time besides hashing).
+    pub fn read_f32_transposed(&self, name: &str, [rows, cols]: [usize; 2]) -> Result<Vec<f32>, ReadError> {
+        use rayon::prelude::*;
+        // Rows per task (a 1 MiB buffer at 2,048 columns), and columns per inner block: each
+        // output row then gets 512 bytes in one go, and a block's 16 rows stay in L1.
+        const STRIP: usize = 128;
+        const BLOCK: usize = 16;
+        let info = self.shaped_info(name, Some(&[rows, cols]))?;
+        if info.dtype != Dtype::F32 {
+            let (values, _) = self.read_f32(name, Some(&[rows, cols]))?;
+            return Ok(crate::params::transpose(&values, rows, cols));
+        }
+        let len = rows * cols;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let dst = SharedSlice(out.as_mut_ptr());
+        let tensor_start = self.data_start + info.data_offsets.0;
+        (0..rows.div_ceil(STRIP)).into_par_iter().try_for_each_init(Vec::new, |strip, s| {
+            let r0 = s * STRIP;
+            let height = STRIP.min(rows - r0);
+            strip.resize(height * cols, 0f32);
+            read_exact_at(&self.file, bytemuck::cast_slice_mut(strip), (tensor_start + r0 * cols * 4) as u64)
+                .map_err(|source| ReadError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            for c0 in (0..cols).step_by(BLOCK) {
+                let width = BLOCK.min(cols - c0);
+                for (r, row) in strip.chunks_exact(cols).enumerate() {
+                    for (j, &v) in row[c0..c0 + width].iter().enumerate() {
+                        let v = f32::from_bits(u32::from_le(v.to_bits()));
+                        // SAFETY: (c0 + j) * rows + r0 + r < cols * rows = the capacity, and
+                        // element (r0 + r, c0 + j) of the input belongs to this strip alone, so
+                        // no two tasks write one element; nothing reads `out` meanwhile.
+                        unsafe { dst.write((c0 + j) * rows + r0 + r, v) };
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        // SAFETY: the strips cover every row and each writes every column of its rows, so all
+        // `len` elements are initialised (an error returned above, leaving `out` empty).
+        unsafe { out.set_len(len) };
+        Ok(out)
+    }
+
+    /// The info of tensor `name`, which must have shape `expected` (any shape if `None`).
+    fn shaped_info(&self, name: &str, expected: Option<&[usize]>) -> Result<&TensorInfo, ReadError> {
+        let info = self.info(name)?;
+        match expected {
+            Some(expected) if info.shape != expected => Err(ReadError::Shape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: info.shape.clone(),
+                expected: expected.to_vec(),
+            }),
+            _ => Ok(info),
+        }
+    }
+
     /// Fills `buf` with the bytes of the tensor `info` describes.
     fn read_tensor(&self, info: &TensorInfo, buf: &mut [u8]) -> Result<(), ReadError> {
         self.read_at(self.data_start + info.data_offsets.0, buf)
@@ -482,6 +536,35 @@ impl SafetensorsFile {
         buf.par_chunks_mut(BLOCK)
             .enumerate()
             .try_for_each(|(i, block)| read_exact_at(&self.file, block, (offset + i * BLOCK) as u64))
+    }
+}
+
+/// Tensors by their Hugging Face names, as stored (a checkpoint's weights file).
+impl crate::params::ParamSource for &SafetensorsFile {
+    fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        self.read_f32(name, Some(hf_shape)).map(|(values, _)| values).map_err(|e| e.to_string())
+    }
+
+    fn transposed_values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        let &[rows, cols] = hf_shape else {
+            return Err(format!("{name}: a Linear weight has two dimensions, not {hf_shape:?}"));
+        };
+        self.read_f32_transposed(name, [rows, cols]).map_err(|e| e.to_string())
+    }
+}
+
+/// An output buffer that parallel tasks fill at disjoint indices.
+#[derive(Clone, Copy)]
+struct SharedSlice(*mut f32);
+// SAFETY: only used where every task writes indices no other task touches.
+unsafe impl Send for SharedSlice {}
+unsafe impl Sync for SharedSlice {}
+
+impl SharedSlice {
+    /// # Safety
+    /// `i` is in bounds, and no other thread reads or writes element `i` meanwhile.
+    unsafe fn write(&self, i: usize, v: f32) {
+        unsafe { *self.0.add(i) = v };
     }
 }
 

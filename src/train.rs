@@ -35,7 +35,7 @@ use crate::metrics::{MetricRecord, MetricsLog};
 use crate::model::{LlamaForCausalLM, LlamaShape};
 use crate::pretrained::{self, LoadOptions};
 use crate::optim::{AdamW, AdamWConfig, Moments, clip_grad_norm};
-use crate::params::{self, is_linear_weight, pending, transpose};
+use crate::params::{self, is_linear_weight, pending};
 use crate::plot::loss_curve_svg;
 use crate::safetensors_io::{PendingTensor, hex};
 use crate::schedule::WarmupCosine;
@@ -162,9 +162,15 @@ impl Learner {
                 checkpoints.dir().join("checkpoint_latest.safetensors").display()
             );
         }
-        let resume = resume
-            .map(|p| checkpoint::load(p).with_context(|| format!("cannot resume from {}", p.display())))
-            .transpose()?;
+        // The checkpoint's files are hashed in the background from here on; its tensors are read
+        // meanwhile, and verified before anything of this run is written.
+        let mut resume = match resume {
+            Some(p) => {
+                let ck = checkpoint::open(p).with_context(|| format!("cannot resume from {}", p.display()))?;
+                Some((ck, p))
+            }
+            None => None,
+        };
 
         let text = read_corpus(&config.data.path)?;
         let data_sha256 = hex(&Sha256::digest(text.as_bytes()));
@@ -185,20 +191,11 @@ impl Learner {
             _ => None,
         };
         let tokenizer = match (&resume, &pretrained) {
-            (Some(ck), _) => KilnTokenizer::from_json(&ck.sidecar.tokenizer.to_string())
+            (Some((ck, _)), _) => KilnTokenizer::from_json(&ck.sidecar.tokenizer.to_string())
                 .context("the checkpoint's tokenizer")?,
             (None, Some(p)) => p.tokenizer.clone().expect("checked above"),
             (None, None) => KilnTokenizer::train(config.data.tokenizer, &text, config.data.vocab_size)?,
         };
-        std::fs::write(out.join("config.toml"), config.to_toml_string())
-            .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
-        tokenizer.save(&out.join("tokenizer.json"))?;
-        let tokens = tokenizer.encode(&text)?;
-        let splits = Splits::new(tokens, config.data.val_fraction, config.data.seq_len)?;
-
-        let loader = TrainLoader::new(splits.train, config.data.seq_len, t.batch_size, t.seed)?;
-        let val_batches =
-            validation_batches(&splits.val, config.data.seq_len, t.batch_size, t.eval_batches);
 
         let (shape, model) = match pretrained {
             Some(p) => {
@@ -224,6 +221,25 @@ impl Learner {
                 (shape, model)
             }
         };
+        let (model, restored) = match &mut resume {
+            Some((ck, path)) => {
+                let restored = restore_tensors(ck, model, &shape, t.ema_decay.is_some(), &device)
+                    .with_context(|| format!("cannot resume from {}", path.display()))?;
+                (restored.model, Some((restored.moments, restored.ema)))
+            }
+            None => (model, None),
+        };
+
+        std::fs::write(out.join("config.toml"), config.to_toml_string())
+            .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+        tokenizer.save(&out.join("tokenizer.json"))?;
+        let tokens = tokenizer.encode(&text)?;
+        let splits = Splits::new(tokens, config.data.val_fraction, config.data.seq_len)?;
+
+        let loader = TrainLoader::new(splits.train, config.data.seq_len, t.batch_size, t.seed)?;
+        let val_batches =
+            validation_batches(&splits.val, config.data.seq_len, t.batch_size, t.eval_batches);
+
         let optim = AdamW::new(AdamWConfig {
             beta1: t.beta1,
             beta2: t.beta2,
@@ -239,7 +255,7 @@ impl Learner {
         let ema = t.ema_decay.map(Ema::new);
         let metrics_path = out.join("metrics.jsonl");
         let metrics = match &resume {
-            Some(ck) => MetricsLog::resume(&metrics_path, ck.sidecar.metrics_history.clone())?,
+            Some((ck, _)) => MetricsLog::resume(&metrics_path, ck.sidecar.metrics_history.clone())?,
             None => MetricsLog::create(&metrics_path)?,
         };
         let tokenizer_json = serde_json::from_str(&tokenizer.to_json()?)
@@ -272,8 +288,12 @@ impl Learner {
             exported: Vec::new(),
             _lock: lock,
         };
-        if let Some(ck) = resume {
-            learner.restore(ck)?;
+        if let (Some((ck, _)), Some((moments, ema))) = (resume, restored) {
+            learner.optim.moments = moments;
+            if let (Some(learner_ema), Some(weights)) = (&mut learner.ema, ema) {
+                learner_ema.weights = weights;
+            }
+            learner.restore(&ck.sidecar)?;
         }
         Ok(learner)
     }
@@ -672,10 +692,9 @@ impl Learner {
         }
     }
 
-    /// Restores everything a checkpoint holds into this freshly built learner.
-    fn restore(&mut self, ck: LoadedCheckpoint) -> Result<()> {
-        let s = &ck.sidecar;
-        check_same_shape(&s.model, &self.shape)?;
+    /// Restores the rest of a checkpoint's state (its tensors are in place already, from
+    /// [`restore_tensors`]) into this freshly built learner.
+    fn restore(&mut self, s: &Sidecar) -> Result<()> {
         if s.data_sha256 != self.data_sha256 {
             tracing::warn!(
                 "the corpus {} differs from the one the checkpoint was trained on; the batch \
@@ -683,49 +702,7 @@ impl Learner {
                 self.config.data.path.display()
             );
         }
-        let model = self.model.take().expect("present");
-        let model = params::load_named(model, &mut |name: &str, shape: &[usize]| {
-            ck.weights
-                .read_f32(name, Some(shape))
-                .map(|(v, _)| v)
-                .map_err(|e| e.to_string())
-        })
-        .map_err(|errors| anyhow!("checkpoint weights do not fit the model:\n  {}", errors.join("\n  ")))?;
-        self.model = Some(model);
-
-        let inner = self.device.clone().without_autodiff();
-        let burn_shapes = burn_shapes(self.model());
         self.optim.step = s.optimizer.step;
-        self.optim.moments.clear();
-        if s.optimizer.step > 0 {
-            for (name, shape) in &burn_shapes {
-                let exp_avg = read_flat(&ck, &format!("exp_avg.{name}"), name, shape, &inner)?;
-                let exp_avg_sq = read_flat(&ck, &format!("exp_avg_sq.{name}"), name, shape, &inner)?;
-                self.optim.moments.insert(
-                    name.clone(),
-                    Moments {
-                        shape: shape.clone(),
-                        exp_avg,
-                        exp_avg_sq,
-                    },
-                );
-            }
-        }
-        if let Some(ema) = &mut self.ema {
-            match s.ema_decay {
-                Some(_) => {
-                    for (name, shape) in &burn_shapes {
-                        let value = read_flat(&ck, &format!("ema.{name}"), name, shape, &inner)?;
-                        ema.weights.insert(name.clone(), EmaTensor { shape: shape.clone(), value });
-                    }
-                }
-                None => tracing::warn!(
-                    "training.ema_decay is set but the checkpoint has no EMA weights; the \
-                     average starts from the current weights"
-                ),
-            }
-        }
-
         let position = s.data_position;
         if position.batch_in_epoch > self.loader.batches_per_epoch() {
             bail!(
@@ -751,6 +728,81 @@ impl Learner {
         self.exported_best_step = self.best.map(|b| b.step);
         Ok(())
     }
+}
+
+/// A checkpoint's tensors, read into the model and fresh tensors on the device.
+pub struct RestoredTensors {
+    pub model: LlamaForCausalLM,
+    /// The optimizer's moments by parameter name (none before the first step).
+    pub moments: BTreeMap<String, Moments>,
+    /// The EMA weights, when they were asked for and the checkpoint has them.
+    pub ema: Option<BTreeMap<String, EmaTensor>>,
+}
+
+/// Reads a checkpoint's tensors as a resume does: its weights into `model` (built with the
+/// checkpoint's `shape`), its optimizer moments and, if `with_ema`, its EMA weights into
+/// flattened tensors in Burn layout; then waits until the checkpoint's checksums are verified
+/// (see [`checkpoint::open`]). A checkpoint that fails verification is reported as such, even
+/// when what was read from it also made no sense.
+pub fn restore_tensors(
+    ck: &mut LoadedCheckpoint,
+    model: LlamaForCausalLM,
+    shape: &LlamaShape,
+    with_ema: bool,
+    device: &Device,
+) -> Result<RestoredTensors> {
+    let read = read_tensors(ck, model, shape, with_ema, device);
+    ck.verified()?;
+    read
+}
+
+fn read_tensors(
+    ck: &LoadedCheckpoint,
+    model: LlamaForCausalLM,
+    shape: &LlamaShape,
+    with_ema: bool,
+    device: &Device,
+) -> Result<RestoredTensors> {
+    let s = &ck.sidecar;
+    check_same_shape(&s.model, shape)?;
+    let model = params::load_named(model, &mut &ck.weights).map_err(|errors| anyhow!("checkpoint weights do not fit the model:\n  {}", errors.join("\n  ")))?;
+
+    let inner = device.clone().without_autodiff();
+    let burn_shapes = burn_shapes(&model);
+    let mut moments = BTreeMap::new();
+    if s.optimizer.step > 0 {
+        for (name, shape) in &burn_shapes {
+            let exp_avg = read_flat(ck, &format!("exp_avg.{name}"), name, shape, &inner)?;
+            let exp_avg_sq = read_flat(ck, &format!("exp_avg_sq.{name}"), name, shape, &inner)?;
+            moments.insert(
+                name.clone(),
+                Moments {
+                    shape: shape.clone(),
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
+        }
+    }
+    let ema = match (with_ema, s.ema_decay) {
+        (false, _) => None,
+        (true, Some(_)) => {
+            let mut weights = BTreeMap::new();
+            for (name, shape) in &burn_shapes {
+                let value = read_flat(ck, &format!("ema.{name}"), name, shape, &inner)?;
+                weights.insert(name.clone(), EmaTensor { shape: shape.clone(), value });
+            }
+            Some(weights)
+        }
+        (true, None) => {
+            tracing::warn!(
+                "training.ema_decay is set but the checkpoint has no EMA weights; the \
+                 average starts from the current weights"
+            );
+            None
+        }
+    };
+    Ok(RestoredTensors { model, moments, ema })
 }
 
 /// The learner's parameters with their Burn-layout shapes.
@@ -780,11 +832,9 @@ fn read_flat(
     if transposed {
         hf_shape.swap(0, 1);
     }
-    let (values, _) = ck.optim.read_f32(key, Some(&hf_shape))?;
-    let values = if transposed {
-        transpose(&values, hf_shape[0], hf_shape[1])
-    } else {
-        values
+    let values = match *hf_shape {
+        [rows, cols] if transposed => ck.optim.read_f32_transposed(key, [rows, cols])?,
+        _ => ck.optim.read_f32(key, Some(&hf_shape))?.0,
     };
     let n = values.len();
     Ok(Tensor::from_data(TensorData::new(values, [n]), device))

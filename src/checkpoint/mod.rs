@@ -26,7 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::safetensors_io::{PendingTensor, SafetensorsFile, write_to};
 use policy::{Kind, Policy};
-use sidecar::{CheckpointError, CheckpointPaths, FileEntry, KindLabel, Sidecar};
+use sidecar::{CheckpointError, CheckpointPaths, FileEntry, KindLabel, Sidecar, Verification};
 use storage::{Storage, TMP_MARKER, parent, write_temp};
 
 /// Suffix of the backup kept while a checkpoint name is being replaced.
@@ -413,23 +413,30 @@ pub fn verify(paths: &CheckpointPaths) -> Result<Sidecar, CheckpointError> {
     Ok(sidecar)
 }
 
-/// A verified checkpoint, ready to restore.
+/// A checkpoint whose tensor files are open for reading. From [`load`] its checksums have been
+/// verified; from [`open`] they may still be being verified, and nothing read from it may be
+/// kept until [`LoadedCheckpoint::verified`] succeeds.
 #[derive(Debug)]
 pub struct LoadedCheckpoint {
     pub paths: CheckpointPaths,
     pub sidecar: Sidecar,
     pub weights: SafetensorsFile,
     pub optim: SafetensorsFile,
+    verification: Option<Verification>,
 }
 
-/// Verifies the tensor files `sidecar` records (each located by `locate`) and opens its
-/// weights and optimizer files: exactly the files whose checksums were checked, each hashed
-/// and parsed once.
-fn open_verified(
+impl LoadedCheckpoint {
+    /// Waits for the checksums [`open`] left being verified (at once after [`load`]).
+    pub fn verified(&mut self) -> Result<(), CheckpointError> {
+        self.verification.take().map_or(Ok(()), Verification::finish)
+    }
+}
+
+/// Opens the tensor files `sidecar` records (each located by `locate`), parsing their headers.
+fn open_files(
     sidecar: &Sidecar,
-    locate: impl Fn(&str) -> PathBuf + Sync,
+    locate: impl Fn(&str) -> PathBuf,
 ) -> Result<(SafetensorsFile, SafetensorsFile), CheckpointError> {
-    sidecar.verify_files_at(&locate)?;
     let open = |role: &str| {
         let entry = sidecar.files.iter().find(|f| f.role == role).ok_or_else(|| {
             CheckpointError::Sidecar {
@@ -444,6 +451,16 @@ fn open_verified(
         })
     };
     Ok((open("weights")?, open("optimizer")?))
+}
+
+/// Verifies the tensor files `sidecar` records, then opens them: exactly the files whose
+/// checksums were checked, each hashed and parsed once.
+fn open_verified(
+    sidecar: &Sidecar,
+    locate: impl Fn(&str) -> PathBuf,
+) -> Result<(SafetensorsFile, SafetensorsFile), CheckpointError> {
+    sidecar.verify_files_at(&locate)?;
+    open_files(sidecar, locate)
 }
 
 /// Loads the checkpoint `path` names (any of its files), verifying checksums and headers. If a
@@ -482,7 +499,38 @@ pub fn load(path: &Path) -> Result<LoadedCheckpoint> {
         sidecar,
         weights,
         optim,
+        verification: None,
     })
+}
+
+/// Opens the checkpoint `path` names for reading while its checksums are verified on
+/// background threads: a resume reads its tensors (copies and transposes on the thread pool)
+/// while the files are hashed, which alone takes as long as the reading. The caller calls
+/// [`LoadedCheckpoint::verified`] before keeping anything it read. The sidecar and the file
+/// headers are checked before this returns. Where an interrupted replacement left a backup,
+/// choosing between the two needs the checksums first, so this is [`load`].
+pub fn open(path: &Path) -> Result<LoadedCheckpoint> {
+    let paths = CheckpointPaths::from_any(path);
+    if prev_path(&paths.sidecar).exists() {
+        return load(path);
+    }
+    let sidecar = Sidecar::read(&paths.sidecar)?;
+    let dir = parent(&paths.sidecar).to_path_buf();
+    let verification = sidecar.start_verifying(|name| dir.join(name))?;
+    match open_files(&sidecar, |name| dir.join(name)) {
+        Ok((weights, optim)) => Ok(LoadedCheckpoint {
+            paths,
+            sidecar,
+            weights,
+            optim,
+            verification: Some(verification),
+        }),
+        // A file its checksum condemns is reported as such, not by how its header broke.
+        Err(err) => {
+            verification.finish()?;
+            Err(err.into())
+        }
+    }
 }
 
 /// One checkpoint found in a directory.

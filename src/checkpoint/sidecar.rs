@@ -235,51 +235,66 @@ impl Sidecar {
 
     /// Like [`Sidecar::verify_files`], with the file of each recorded name given by `locate`
     /// (e.g. the backup copy of a checkpoint being replaced).
-    pub fn verify_files_at(&self, locate: impl Fn(&str) -> PathBuf + Sync) -> Result<(), CheckpointError> {
-        // Hashing dominates loading; the files are independent, so hash them in parallel.
-        std::thread::scope(|scope| {
-            let checks: Vec<_> = self
-                .files
-                .iter()
-                .map(|entry| scope.spawn(|| Self::verify_entry(entry, locate(&entry.name))))
-                .collect();
-            checks
-                .into_iter()
-                .map(|c| c.join().expect("hashing threads do not panic"))
-                .collect::<Result<Vec<()>, _>>()
-                .map(|_| ())
-        })
+    pub fn verify_files_at(&self, locate: impl Fn(&str) -> PathBuf) -> Result<(), CheckpointError> {
+        self.start_verifying(locate)?.finish()
     }
 
-    fn verify_entry(entry: &FileEntry, path: PathBuf) -> Result<(), CheckpointError> {
-        if entry.name.contains('/') || entry.name.contains('\\') || entry.name.starts_with('.') {
-            return Err(CheckpointError::File {
-                path,
-                problem: "the sidecar names a file outside the checkpoint directory".into(),
-            });
+    /// Starts hashing every tensor file on a thread of its own (hashing dominates loading and
+    /// the files are independent) and returns at once, so that the caller can read the files
+    /// meanwhile. Names that leave the checkpoint directory are refused before anything is read.
+    pub fn start_verifying(&self, locate: impl Fn(&str) -> PathBuf) -> Result<Verification, CheckpointError> {
+        for entry in &self.files {
+            entry.check_name(&locate(&entry.name))?;
         }
-        let found = digest_file(&path).map_err(|e| CheckpointError::File {
-            path: path.clone(),
-            problem: format!("cannot read: {e}"),
-        })?;
-        if found.bytes != entry.bytes {
-            return Err(CheckpointError::File {
-                path,
-                problem: format!(
-                    "is {} bytes but the sidecar recorded {} (truncated or replaced)",
-                    found.bytes, entry.bytes
-                ),
-            });
-        }
-        if found.sha256 != entry.sha256 {
-            return Err(CheckpointError::File {
-                path,
-                problem: "SHA-256 does not match the sidecar (the file is corrupted)".into(),
-            });
-        }
-        Ok(())
+        let checks = self
+            .files
+            .iter()
+            .map(|entry| {
+                let path = locate(&entry.name);
+                let (entry, file) = (entry.clone(), path.clone());
+                std::thread::Builder::new()
+                    .name("kiln-verify".into())
+                    .spawn(move || entry.verify(file))
+                    .map_err(|e| CheckpointError::File {
+                        path,
+                        problem: format!("cannot start verifying: {e}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Verification { checks })
+    }
+}
+
+/// The checksums of a checkpoint's tensor files, being verified on background threads.
+#[derive(Debug)]
+#[must_use = "a checkpoint is verified only once `finish` says so"]
+pub struct Verification {
+    checks: Vec<std::thread::JoinHandle<Result<(), CheckpointError>>>,
+}
+
+impl Verification {
+    /// Waits for every file; the first failure in the sidecar's file order.
+    pub fn finish(mut self) -> Result<(), CheckpointError> {
+        self.join()
     }
 
+    fn join(&mut self) -> Result<(), CheckpointError> {
+        let mut result = Ok(());
+        for check in self.checks.drain(..) {
+            let checked = check.join().expect("hashing threads do not panic");
+            if result.is_ok() {
+                result = checked;
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Verification {
+    /// Abandoned (an error elsewhere came first): no thread outlives it reading the files.
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
 }
 
 impl FileEntry {
@@ -290,5 +305,40 @@ impl FileEntry {
             bytes: digest.bytes,
             sha256: digest.sha256,
         }
+    }
+
+    /// A sidecar names its files relative to its own directory and never outside it.
+    fn check_name(&self, path: &Path) -> Result<(), CheckpointError> {
+        if self.name.contains('/') || self.name.contains('\\') || self.name.starts_with('.') {
+            return Err(CheckpointError::File {
+                path: path.to_path_buf(),
+                problem: "the sidecar names a file outside the checkpoint directory".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Hashes the file at `path` and compares its size and SHA-256 with this record.
+    fn verify(&self, path: PathBuf) -> Result<(), CheckpointError> {
+        let found = digest_file(&path).map_err(|e| CheckpointError::File {
+            path: path.clone(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        if found.bytes != self.bytes {
+            return Err(CheckpointError::File {
+                path,
+                problem: format!(
+                    "is {} bytes but the sidecar recorded {} (truncated or replaced)",
+                    found.bytes, self.bytes
+                ),
+            });
+        }
+        if found.sha256 != self.sha256 {
+            return Err(CheckpointError::File {
+                path,
+                problem: "SHA-256 does not match the sidecar (the file is corrupted)".into(),
+            });
+        }
+        Ok(())
     }
 }

@@ -169,12 +169,17 @@ fn damaged_weights_files_are_refused_everywhere() {
         }
         // Loading (and so resuming) refuses it.
         let mut resume_config = config.clone();
-        resume_config.output_dir = dir.path().join(format!("resume-{}", case.name.replace(' ', "-")));
+        let resume_dir = dir.path().join(format!("resume-{}", case.name.replace(' ', "-")));
+        resume_config.output_dir = resume_dir.clone();
         let err = match Learner::resume(resume_config, &weights) {
             Ok(_) => panic!("{}: resuming from a damaged checkpoint succeeded", case.name),
             Err(e) => format!("{e:#}"),
         };
         assert!(err.contains(case.expect), "{}: resume error {err:?} lacks {:?}", case.name, case.expect);
+        // The tensors are read while the files are hashed, but the run wrote nothing.
+        for file in ["config.toml", "tokenizer.json", "metrics.jsonl"] {
+            assert!(!resume_dir.join(file).exists(), "{}: a refused resume wrote {file}", case.name);
+        }
 
         // `kiln inspect` exits non-zero with one clear message unless the file is well formed
         // and its checksums verify.
@@ -195,6 +200,86 @@ fn damaged_weights_files_are_refused_everywhere() {
     }
 }
 
+/// The regular files directly in `dir`, with their contents.
+fn files_in(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn resuming_from_a_corrupted_optimizer_file_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, ck_dir) = trained(dir.path());
+    let before = files_in(&config.output_dir);
+    let checkpoints_before = files_in(&ck_dir);
+    // A flipped bit in the last tensor's data: the file stays well formed and every tensor
+    // reads, so only its checksum can tell.
+    let optim = ck_dir.join("checkpoint_latest.optim.safetensors");
+    let mut bytes = std::fs::read(&optim).unwrap();
+    let i = bytes.len() - 5;
+    bytes[i] ^= 0x01;
+    // A new file: checkpoints saved at the same step share their files through hard links.
+    std::fs::remove_file(&optim).unwrap();
+    std::fs::write(&optim, &bytes).unwrap();
+
+    let err = match Learner::resume(config.clone(), &ck_dir.join("checkpoint_latest.safetensors")) {
+        Ok(_) => panic!("resuming from a corrupted optimizer file succeeded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("checkpoint_latest.optim.safetensors") && err.contains("SHA-256 does not match"), "{err}");
+    // Same output directory: its config, tokenizer, metrics and loss curve are untouched, and
+    // so is every checkpoint but the damaged file.
+    assert!(files_in(&config.output_dir) == before, "a refused resume changed the run's files");
+    let checkpoints_after = files_in(&ck_dir);
+    assert_eq!(checkpoints_after.len(), checkpoints_before.len());
+    for ((path, after), (_, before)) in checkpoints_after.iter().zip(&checkpoints_before) {
+        assert_eq!(after == before, *path != optim, "{}", path.display());
+    }
+
+    // `checkpoint::open` hands out the files at once; reading them works, verifying does not.
+    let mut ck = checkpoint::open(&optim).unwrap();
+    let (name, ..) = ck.optim.tensors().pop().unwrap();
+    assert!(ck.optim.read_f32(&name, None).is_ok());
+    let err = ck.verified().unwrap_err().to_string();
+    assert!(err.contains("SHA-256 does not match"), "{err}");
+    // Restoring the byte makes it whole again.
+    bytes[i] ^= 0x01;
+    std::fs::write(&optim, &bytes).unwrap();
+    checkpoint::open(&optim).unwrap().verified().unwrap();
+}
+
+#[test]
+fn open_uses_a_complete_backup_as_load_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ck_dir) = trained(dir.path());
+    let paths = checkpoint::sidecar::CheckpointPaths::new(&ck_dir, "checkpoint_latest");
+    let backup = |p: &Path| p.with_file_name(format!(".{}.prev", p.file_name().unwrap().to_string_lossy()));
+    // A replacement interrupted after the backup was made and the new weights file landed
+    // (here: damaged), before its sidecar did.
+    for file in [&paths.weights, &paths.optim, &paths.sidecar] {
+        std::fs::copy(file, backup(file)).unwrap();
+    }
+    let mut bytes = std::fs::read(&paths.weights).unwrap();
+    let i = bytes.len() - 5;
+    bytes[i] ^= 0x01;
+    std::fs::write(&paths.weights, &bytes).unwrap();
+
+    let mut ck = checkpoint::open(&paths.weights).unwrap();
+    ck.verified().unwrap();
+    assert_eq!(ck.paths.weights, backup(&paths.weights));
+    let loaded = checkpoint::load(&paths.weights).unwrap();
+    assert_eq!(loaded.paths, ck.paths);
+}
+
 #[test]
 fn hostile_sidecars_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,6 +292,8 @@ fn hostile_sidecars_are_refused() {
     v["files"][0]["name"] = "../../etc/passwd".into();
     std::fs::write(&path, v.to_string()).unwrap();
     let err = format!("{:#}", checkpoint::load(&weights).unwrap_err());
+    assert!(err.contains("outside the checkpoint directory"), "{err}");
+    let err = format!("{:#}", checkpoint::open(&weights).unwrap_err());
     assert!(err.contains("outside the checkpoint directory"), "{err}");
 
     let mut v: Value = serde_json::from_str(&original).unwrap();

@@ -121,3 +121,80 @@ fn a_file_cut_short_after_opening_is_a_read_error_not_a_crash() {
         }
     }
 }
+
+/// `t[c][r] = v[r][c]`, written out as the definition.
+fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<u32> {
+    let mut out = vec![0u32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c].to_bits();
+        }
+    }
+    out
+}
+
+#[test]
+fn transposed_reads_match_the_definition_bit_for_bit() {
+    // Shapes around the reader's 128-row strips and 16-column blocks, thin ones, and one tensor
+    // with every bit pattern class; each tensor sits at an odd place in the file.
+    let shapes = [(1, 1), (1, 300), (300, 1), (127, 129), (128, 16), (129, 17), (300, 2050), (2, 5)];
+    let tensors: Vec<(String, usize, usize, Vec<f32>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, cols))| {
+            let values: Vec<f32> = match (rows, cols) {
+                (2, 5) => vec![
+                    f32::NAN, f32::from_bits(0x7fc0_1234), f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0,
+                    f32::from_bits(1), f32::MIN_POSITIVE, f32::MAX, -1.5,
+                ],
+                _ => (0..rows * cols).map(|k| ((k * 7 + i) as f32 * 0.61).cos() * 3.0).collect(),
+            };
+            (format!("t{i}.weight"), rows, cols, values)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("linear.safetensors");
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, _, v)| le(v, f32::to_le_bytes)).collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, rows, cols, _), b)| (name.clone(), TensorView::new(Dtype::F32, vec![*rows, *cols], b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+
+    let file = SafetensorsFile::open(&path).unwrap();
+    for (name, rows, cols, values) in &tensors {
+        let got = file.read_f32_transposed(name, [*rows, *cols]).unwrap();
+        let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+        assert!(bits == transposed(values, *rows, *cols), "{name} [{rows}, {cols}]");
+    }
+    let err = file.read_f32_transposed("t6.weight", [2050, 300]).unwrap_err();
+    assert!(err.to_string().contains("has shape [300, 2050], expected [2050, 300]"), "{err}");
+    let err = file.read_f32_transposed("t9.weight", [1, 1]).unwrap_err();
+    assert!(matches!(err, ReadError::Missing { .. }), "{err}");
+
+    // Half-precision tensors are converted, then transposed; a 1-D tensor is refused by its shape.
+    let (dir, expected) = reference();
+    let file = SafetensorsFile::open(&dir.path().join("reference.safetensors")).unwrap();
+    let got = file.read_f32_transposed("d.half", [7, 143]).unwrap();
+    let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+    assert!(bits == transposed(&expected["d.half"].3, 7, 143), "d.half");
+    let err = file.read_f32_transposed("f.int", [3, 3]).unwrap_err();
+    assert!(err.to_string().contains("has shape [9], expected [3, 3]"), "{err}");
+}
+
+#[test]
+fn a_transposed_read_of_a_file_cut_short_is_a_read_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.safetensors");
+    let values: Vec<f32> = (0..1000 * 64).map(|k| k as f32).collect();
+    let bytes = le(&values, f32::to_le_bytes);
+    let views = vec![("w".to_string(), TensorView::new(Dtype::F32, vec![1000, 64], &bytes).unwrap())];
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    // Cut inside the last strip of rows, after the others were readable.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 1000).unwrap();
+    let err = file.read_f32_transposed("w", [1000, 64]).unwrap_err();
+    assert!(matches!(err, ReadError::Io { .. }) && err.to_string().contains("cannot read"), "{err}");
+}
