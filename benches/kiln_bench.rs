@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use kiln::checkpoint::policy::Kind;
 use kiln::checkpoint::storage::LocalFs;
 use kiln::checkpoint::{self, CheckpointManager};
 use kiln::config::{BackendKind, Config};
 use kiln::generate::{SamplingOptions, generate_ids};
-use kiln::model::LlamaForCausalLM;
+use kiln::model::{LlamaForCausalLM, LlamaShape};
 use kiln::train::Learner;
 
 /// A Llama shape benchmarked on both sides.
@@ -216,24 +216,15 @@ fn raw_write(path: &Path, bytes: u64) -> Result<f64> {
     Ok(secs)
 }
 
-/// Loads a checkpoint into usable device tensors: verification, weights into the model,
-/// optimizer moments into tensors.
-fn kiln_load(path: &Path, model: LlamaForCausalLM, device: &Device) -> Result<(f64, LlamaForCausalLM)> {
+/// Loads a checkpoint into usable device tensors as a resume does: weights into the model,
+/// optimizer moments into tensors in Burn layout, checksums verified while they are read.
+fn kiln_load(path: &Path, model: LlamaForCausalLM, shape: &LlamaShape, device: &Device) -> Result<(f64, LlamaForCausalLM)> {
     let start = Instant::now();
-    let ck = checkpoint::load(path)?;
-    let model = kiln::params::load_named(model, &mut |name: &str, shape: &[usize]| {
-        ck.weights.read_f32(name, Some(shape)).map(|(v, _)| v).map_err(|e| e.to_string())
-    })
-    .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
-    let mut moments = Vec::new();
-    for (name, ..) in ck.optim.tensors() {
-        let (values, shape) = ck.optim.read_f32(&name, None)?;
-        let n = values.len();
-        moments.push(Tensor::<1>::from_data(TensorData::new(values, [n]), device).reshape([shape.iter().product::<usize>()]));
-    }
+    let mut ck = checkpoint::open(path)?;
+    let restored = kiln::train::restore_tensors(&mut ck, model, shape, false, device)?;
     let secs = start.elapsed().as_secs_f64();
-    drop(moments);
-    Ok((secs, model))
+    anyhow::ensure!(!restored.moments.is_empty(), "the checkpoint has no optimizer moments");
+    Ok((secs, restored.model))
 }
 
 fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
@@ -281,7 +272,7 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         args.extend(["--out".into(), dir.path().join("torch.safetensors").display().to_string()]);
         py_save.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
 
-        let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &device)?;
+        let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &learner.shape, &device)?;
         model = m;
         load.push(secs);
         let mut args = vec!["load".to_string(), "--files".into()];
