@@ -8,7 +8,7 @@
 //! Missing tensors are an error unless partial loading is asked for explicitly, in which case
 //! they keep their fresh initialisation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -207,6 +207,54 @@ impl WeightFiles {
     }
 }
 
+/// kiln's parameters from a directory's weight files, noting which stored tensors were used
+/// and which parameters the files lack.
+struct DirSource<'a> {
+    weights: &'a WeightFiles,
+    /// kiln name -> stored name.
+    available: &'a BTreeMap<String, String>,
+    /// With partial loading, parameters the files lack keep these initial values.
+    initial: Option<BTreeMap<String, Vec<f32>>>,
+    used: BTreeSet<String>,
+    missing: Vec<String>,
+}
+
+impl<'a> DirSource<'a> {
+    /// The file and stored name of parameter `name`, if the files have it.
+    fn find(&mut self, name: &str) -> Option<(&'a SafetensorsFile, &'a str)> {
+        let stored = self.available.get(name)?;
+        self.used.insert(stored.clone());
+        let file = &self.weights.files[self.weights.names[stored]];
+        Some((file, stored))
+    }
+
+    /// What a parameter the files lack gets (Hugging Face layout), or the error.
+    fn fallback(&mut self, name: &str) -> Result<Vec<f32>, String> {
+        self.missing.push(name.to_string());
+        match &self.initial {
+            Some(init) => Ok(init[name].clone()),
+            None => Err(format!("missing tensor `{name}`")),
+        }
+    }
+}
+
+impl params::ParamSource for DirSource<'_> {
+    fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        match self.find(name) {
+            Some((mut file, stored)) => file.values(stored, hf_shape),
+            None => self.fallback(name),
+        }
+    }
+
+    fn transposed_values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
+        match (self.find(name), hf_shape) {
+            (Some((mut file, stored)), _) => file.transposed_values(stored, hf_shape),
+            (None, &[rows, cols]) => Ok(params::transpose(&self.fallback(name)?, rows, cols)),
+            (None, _) => self.fallback(name),
+        }
+    }
+}
+
 /// Loads a model directory onto `device`.
 pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretrained> {
     let (shape, initializer_range) = read_config(dir)?;
@@ -229,25 +277,15 @@ pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretra
             .map(|t| (t.name, t.values))
             .collect()
     });
-    let mut used = std::collections::BTreeSet::new();
-    let mut missing = Vec::new();
-    let mut source = |name: &str, hf_shape: &[usize]| -> Result<Vec<f32>, String> {
-        match available.get(name) {
-            Some(stored) => {
-                used.insert(stored.clone());
-                weights.read(stored, hf_shape).map_err(|e| format!("{e:#}"))
-            }
-            None => {
-                missing.push(name.to_string());
-                match &initial {
-                    Some(init) => Ok(init[name].clone()),
-                    None => Err(format!("missing tensor `{name}`")),
-                }
-            }
-        }
+    let mut source = DirSource {
+        weights: &weights,
+        available: &available,
+        initial,
+        used: BTreeSet::new(),
+        missing: Vec::new(),
     };
     let loaded = params::load_named(model, &mut source);
-    drop(source);
+    let DirSource { used, missing, .. } = source;
     let model = loaded.map_err(|errors| {
         let hint = if missing.is_empty() {
             ""

@@ -253,6 +253,18 @@ fn other_names_load_through_key_maps_and_partial_loading_is_explicit() {
     let loaded = pretrained::load(&partial, &Device::flex(), &options).unwrap();
     assert_eq!(loaded.report.missing, ["model.norm.weight", "lm_head.weight"]);
     assert_eq!(loaded.report.unexpected, ["extra.head"]);
+    // The missing ones keep exactly a fresh model's values (in Burn's layout, the head
+    // transposed like every Linear weight); the rest are the stored ones.
+    let fresh = LlamaForCausalLM::init(&loaded.shape, loaded.initializer_range, 0.0, 0, &Device::flex());
+    let by_name = |model: &LlamaForCausalLM| -> std::collections::BTreeMap<String, Vec<f32>> {
+        kiln::params::named_tensors(model).into_iter().map(|t| (t.name, t.values)).collect()
+    };
+    let (loaded_values, fresh_values, stored_values) = (by_name(&loaded.model), by_name(&fresh), by_name(&reference.model));
+    for (name, values) in &loaded_values {
+        let expected = if ["model.norm.weight", "lm_head.weight"].contains(&name.as_str()) { &fresh_values } else { &stored_values };
+        assert!(*values == expected[name], "{name}");
+    }
+    assert!(loaded_values["lm_head.weight"] != stored_values["lm_head.weight"]);
 
     // Fine-tuning starts from the pretrained weights and tokenizer.
     let run = dir.path().join("run");
