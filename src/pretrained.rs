@@ -200,11 +200,6 @@ impl WeightFiles {
     pub fn files(&self) -> &[SafetensorsFile] {
         &self.files
     }
-
-    pub fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let i = *self.names.get(name).ok_or_else(|| anyhow!("tensor `{name}` not found"))?;
-        Ok(self.files[i].read_f32(name, Some(shape))?.0)
-    }
 }
 
 /// kiln's parameters from a directory's weight files, noting which stored tensors were used
