@@ -218,10 +218,31 @@ impl Sidecar {
                 found: found as u32,
             });
         }
-        serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
+        let sidecar: Self = serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })
+        })?;
+        sidecar.check_roles().map_err(|reason| CheckpointError::Sidecar {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(sidecar)
+    }
+
+    /// A checkpoint is one weights file and one optimizer file. Anything else is refused before
+    /// a file is opened (each recorded file is hashed on a thread of its own, so a sidecar
+    /// listing thousands must not get that far).
+    fn check_roles(&self) -> Result<(), String> {
+        let mut roles: Vec<&str> = self.files.iter().map(|f| f.role.as_str()).collect();
+        roles.sort_unstable();
+        if roles != ["optimizer", "weights"] {
+            return Err(format!(
+                "`files` must record one `weights` and one `optimizer` file; it records {} ({})",
+                roles.len(),
+                if roles.is_empty() { "none".to_string() } else { roles.join(", ") },
+            ));
+        }
+        Ok(())
     }
 
     pub fn to_json(&self) -> String {

@@ -296,6 +296,33 @@ fn hostile_sidecars_are_refused() {
     let err = format!("{:#}", checkpoint::open(&weights).unwrap_err());
     assert!(err.contains("outside the checkpoint directory"), "{err}");
 
+    // One file per role, exactly two: a sidecar listing thousands would otherwise start as
+    // many hashing threads, and one missing a file would leave that file unverified.
+    let base: Value = serde_json::from_str(&original).unwrap();
+    let (weights_entry, optim_entry) = (&base["files"][0], &base["files"][1]);
+    for files in [
+        vec![],
+        vec![weights_entry.clone()],
+        vec![weights_entry.clone(), weights_entry.clone()],
+        vec![weights_entry.clone(), optim_entry.clone(), optim_entry.clone()],
+        vec![optim_entry.clone(); 5000],
+    ] {
+        let mut v: Value = serde_json::from_str(&original).unwrap();
+        let count = files.len();
+        v["files"] = files.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        for err in [checkpoint::load(&weights).unwrap_err(), checkpoint::open(&weights).unwrap_err()] {
+            let err = format!("{err:#}");
+            assert!(err.contains("unreadable sidecar"), "{err}");
+            assert!(err.contains(&format!("it records {count} (")), "{err}");
+        }
+    }
+    let mut v: Value = serde_json::from_str(&original).unwrap();
+    v["files"][1]["role"] = "weights".into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = format!("{:#}", checkpoint::load(&weights).unwrap_err());
+    assert!(err.contains("it records 2 (weights, weights)"), "{err}");
+
     let mut v: Value = serde_json::from_str(&original).unwrap();
     v["format_version"] = 99.into();
     std::fs::write(&path, v.to_string()).unwrap();
