@@ -1,18 +1,21 @@
 //! kiln's benchmark: every comparison measured side by side in one run, alternating between
 //! kiln and its reference on every repetition, reported as medians in one table.
 //!
-//!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--only train,checkpoint,stall,generate]
+//!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate]
+//!     cargo test --release --features wgpu --bench kiln_bench               (the smoke test: each CPU section once)
 //!     cargo bench --features wgpu --bench kiln_bench -- --only gpu           (on a GPU machine: gpu-train,
 //!                                                   gpu-stall; add `cuda` to the features where it builds)
 //!
 //! References: PyTorch eager (transformers `LlamaForCausalLM`, AdamW) for training and
 //! generation, Python `safetensors` and a raw fsynced sequential write for checkpoint I/O
-//! (benches/torch_bench.py, which needs torch, transformers and safetensors). CPU figures use
-//! two threads on both sides. Timings live here, never in tests.
+//! (benches/torch_bench.py, which needs torch, transformers and safetensors; `--kiln-only`
+//! skips the Python references, leaving those columns empty). CPU figures use two threads on
+//! both sides. Timings live here, never in tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -91,17 +94,42 @@ fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
     Ok(Config::from_toml_str(&text, "benchmark config", &[])?)
 }
 
-fn python(args: &[String]) -> Result<serde_json::Value> {
+/// Whether the Python references run (`--kiln-only` turns them off).
+static REFERENCES: AtomicBool = AtomicBool::new(true);
+
+const NEEDS: &str = "the references need python3 with torch, transformers and safetensors; \
+                     `--kiln-only` measures kiln alone";
+
+/// One reference measurement from benches/torch_bench.py; `None` with `--kiln-only`.
+fn python(args: &[String]) -> Result<Option<serde_json::Value>> {
+    if !REFERENCES.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
     let output = Command::new("python3")
         .arg(repo().join("benches/torch_bench.py"))
         .args(args)
         .output()
-        .context("python3 is needed for the reference measurements")?;
+        .with_context(|| format!("cannot run python3 ({NEEDS})"))?;
     if !output.status.success() {
-        bail!("torch_bench.py {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        bail!("torch_bench.py {args:?} failed ({NEEDS}):\n{}", String::from_utf8_lossy(&output.stderr));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    Ok(serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}"))?)
+    Ok(Some(serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}"))?))
+}
+
+/// `key` of a reference's reply, if the reference ran.
+fn measured(reply: Option<serde_json::Value>, key: &str) -> Option<f64> {
+    reply.map(|r| r[key].as_f64().unwrap_or(f64::NAN))
+}
+
+/// A row's reference: the median of its measurements, none where the references did not run.
+fn reference(name: impl Into<String>, values: Vec<f64>) -> Option<(String, f64)> {
+    (!values.is_empty()).then(|| (name.into(), median(values)))
+}
+
+/// The latest measurement, for progress lines (NaN where the reference did not run).
+fn last(values: &[f64]) -> f64 {
+    values.last().copied().unwrap_or(f64::NAN)
 }
 
 fn torch_shape_args(shape: Shape, vocab: usize) -> Vec<String> {
@@ -154,22 +182,22 @@ fn train_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
             let mut args = vec!["train".to_string()];
             args.extend(torch_shape_args(shape, vocab));
             args.extend(["--steps".into(), steps.to_string(), "--threads".into(), "2".into()]);
-            torch.push(python(&args)?["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
+            torch.extend(measured(python(&args)?, "tokens_per_sec"));
             eprintln!(
                 "bench: train {}: flex {:.0}, flex without fused kernels {:.0}, ndarray {:.0}, torch {:.0} tok/s",
                 shape.name,
-                flex.last().unwrap(),
-                composed.last().unwrap(),
-                ndarray.last().unwrap(),
-                torch.last().unwrap()
+                last(&flex),
+                last(&composed),
+                last(&ndarray),
+                last(&torch)
             );
         }
-        let torch = median(torch);
+        let torch = reference("PyTorch eager, 2 threads", torch);
         for (backend, values) in [("flex", flex), ("flex without fused kernels", composed), ("ndarray", ndarray)] {
             rows.push(Row {
                 benchmark: format!("train {} b{}x{} on {backend}", shape.name, shape.batch, shape.seq_len),
                 kiln: median(values),
-                reference: Some(("PyTorch eager, 2 threads".into(), torch)),
+                reference: torch.clone(),
                 unit: "tok/s",
                 higher_is_better: true,
                 goal: ">= 1.0x",
@@ -270,28 +298,30 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         let mut args = vec!["save".to_string(), "--files".into()];
         args.extend(names.clone());
         args.extend(["--out".into(), dir.path().join("torch.safetensors").display().to_string()]);
-        py_save.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
+        py_save.extend(measured(python(&args)?, "seconds"));
 
         let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &learner.shape, &device)?;
         model = m;
         load.push(secs);
         let mut args = vec!["load".to_string(), "--files".into()];
         args.extend(names);
-        py_load.push(python(&args)?["seconds"].as_f64().unwrap_or(f64::NAN));
+        py_load.extend(measured(python(&args)?, "seconds"));
         drop(manager);
         std::fs::remove_dir_all(&ck_dir)?;
         eprintln!(
             "bench: checkpoint: save {:.2}s raw {:.2}s py {:.2}s | load {:.2}s py {:.2}s | peak +{:.1}%",
-            save.last().unwrap(), raw.last().unwrap(), py_save.last().unwrap(), load.last().unwrap(), py_load.last().unwrap(), peak.last().unwrap()
+            last(&save), last(&raw), last(&py_save), last(&load), last(&py_load), last(&peak)
         );
     }
     let gb = bytes as f64 / 1e9;
     let label = format!("checkpoint {:.0}M params ({:.2} GB with moments)", params as f64 / 1e6, gb);
     let bw = |secs: Vec<f64>| gb / median(secs);
+    // Bandwidth references: GB/s from seconds, none where the references did not run.
+    let bw_reference = |name: &str, secs: Vec<f64>| reference(name, secs).map(|(name, s)| (name, gb / s));
     let raw_bw = bw(raw);
     rows.push(Row { benchmark: format!("{label}: save bandwidth"), kiln: bw(save.clone()), reference: Some(("raw fsynced write".into(), raw_bw)), unit: "GB/s", higher_is_better: true, goal: ">= 0.9x" });
-    rows.push(Row { benchmark: format!("{label}: save bandwidth"), kiln: bw(save), reference: Some(("Python safetensors save_file + fsync".into(), bw(py_save))), unit: "GB/s", higher_is_better: true, goal: "" });
-    rows.push(Row { benchmark: format!("{label}: load to tensors"), kiln: bw(load), reference: Some(("Python safetensors load_file".into(), bw(py_load))), unit: "GB/s", higher_is_better: true, goal: ">= 1.0x" });
+    rows.push(Row { benchmark: format!("{label}: save bandwidth"), kiln: bw(save), reference: bw_reference("Python safetensors save_file + fsync", py_save), unit: "GB/s", higher_is_better: true, goal: "" });
+    rows.push(Row { benchmark: format!("{label}: load to tensors"), kiln: bw(load), reference: bw_reference("Python safetensors load_file", py_load), unit: "GB/s", higher_is_better: true, goal: ">= 1.0x" });
     rows.push(Row { benchmark: format!("{label}: extra peak memory during save"), kiln: median(peak), reference: None, unit: "% of size", higher_is_better: false, goal: "<= 10%" });
     Ok(())
 }
@@ -400,13 +430,13 @@ fn generate_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         let mut args = vec!["generate".to_string()];
         args.extend(torch_shape_args(SMALL, vocab));
         args.extend(["--new-tokens".into(), new_tokens.to_string()]);
-        theirs.push(python(&args)?["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
-        eprintln!("bench: generate: kiln {:.1} torch {:.1} tok/s", ours.last().unwrap(), theirs.last().unwrap());
+        theirs.extend(measured(python(&args)?, "tokens_per_sec"));
+        eprintln!("bench: generate: kiln {:.1} torch {:.1} tok/s", last(&ours), last(&theirs));
     }
     rows.push(Row {
         benchmark: format!("generate {} greedy, prompt {}, +{new_tokens} tokens (KV cache)", SMALL.name, SMALL.seq_len),
         kiln: median(ours),
-        reference: Some(("transformers generate, 2 threads".into(), median(theirs))),
+        reference: reference("transformers generate, 2 threads", theirs),
         unit: "tok/s",
         higher_is_better: true,
         goal: ">= 1.0x",
@@ -452,18 +482,19 @@ fn gpu_train_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         let mut args = vec!["train".to_string()];
         args.extend(torch_shape_args(shape, vocab));
         args.extend(["--steps".into(), steps.to_string(), "--warmup".into(), warmup.to_string(), "--device".into(), "cuda".into()]);
-        let reply = python(&args)?;
-        torch.push(reply["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
-        gpu_name = format!("{}, torch {}", reply["device"].as_str().unwrap_or("?"), reply["torch"].as_str().unwrap_or("?"));
-        let kiln: Vec<String> = ours.iter().zip(&backends).map(|(v, b)| format!("{} {:.0}", b.name(), v.last().unwrap())).collect();
-        eprintln!("bench: gpu train {}: kiln {}, torch cuda {:.0} tok/s", shape.name, kiln.join(", "), torch.last().unwrap());
+        if let Some(reply) = python(&args)? {
+            torch.push(reply["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
+            gpu_name = format!("{}, torch {}", reply["device"].as_str().unwrap_or("?"), reply["torch"].as_str().unwrap_or("?"));
+        }
+        let kiln: Vec<String> = ours.iter().zip(&backends).map(|(v, b)| format!("{} {:.0}", b.name(), last(v))).collect();
+        eprintln!("bench: gpu train {}: kiln {}, torch cuda {:.0} tok/s", shape.name, kiln.join(", "), last(&torch));
     }
-    let torch = median(torch);
+    let torch = reference(format!("PyTorch eager fp32 on CUDA ({gpu_name})"), torch);
     for (values, &backend) in ours.into_iter().zip(&backends) {
         rows.push(Row {
             benchmark: format!("train {} b{}x{} on {}", shape.name, shape.batch, shape.seq_len, backend.name()),
             kiln: median(values),
-            reference: Some((format!("PyTorch eager fp32 on CUDA ({gpu_name})"), torch)),
+            reference: torch.clone(),
             unit: "tok/s",
             higher_is_better: true,
             goal: ">= 1.0x",
@@ -503,11 +534,22 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let reps: usize = value("--reps").map(|v| v.parse()).transpose()?.unwrap_or(3);
-    let quick = flag("--quick");
+    // `cargo bench` passes `--bench`. Without it, `cargo test` is running this binary
+    // (Cargo.toml: `test = true`): a smoke test that every CPU section and its reference still
+    // run, once and briefly, so the harness cannot rot unnoticed. A test-name filter skips it.
+    let smoke = !flag("--bench");
+    if smoke && args.iter().any(|a| !a.starts_with('-')) {
+        println!("kiln_bench: smoke test filtered out");
+        return Ok(());
+    }
+    let reps: usize = if smoke { 1 } else { value("--reps").map(|v| v.parse()).transpose()?.unwrap_or(3) };
+    let quick = smoke || flag("--quick");
+    REFERENCES.store(smoke || !flag("--kiln-only"), Ordering::Relaxed);
     // The GPU section trains a 124M model: only on request, and only where a real GPU is
     // (on a CPU Vulkan driver such as lavapipe it would run for hours).
-    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate".into());
+    let only = value("--only")
+        .filter(|_| !smoke)
+        .unwrap_or_else(|| "train,checkpoint,stall,generate".into());
     let wants = |s: &str| only.split(',').any(|o| o == s);
     // Both sides run on two threads, the machine size these figures are meant for.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -534,5 +576,25 @@ fn main() -> Result<()> {
         gpu_stall_section(&mut rows, reps)?;
     }
     print_table(&rows);
+    if smoke {
+        check_smoke(&rows)?;
+    }
+    Ok(())
+}
+
+/// The smoke test's verdict: each CPU section gave its rows, and every figure, kiln's and the
+/// references', is a measurement (finite and positive; the memory row may be zero).
+fn check_smoke(rows: &[Row]) -> Result<()> {
+    for section in ["train ", "checkpoint ", "training thread blocked", "generate "] {
+        anyhow::ensure!(rows.iter().any(|r| r.benchmark.starts_with(section)), "smoke test: no `{section}` rows");
+    }
+    for r in rows {
+        let measured = |v: f64| v.is_finite() && (v > 0.0 || (v == 0.0 && !r.higher_is_better));
+        anyhow::ensure!(measured(r.kiln), "smoke test: `{}` measured {}", r.benchmark, r.kiln);
+        if let Some((name, v)) = &r.reference {
+            anyhow::ensure!(measured(*v), "smoke test: `{}`: reference {name} measured {v}", r.benchmark);
+        }
+    }
+    println!("kiln_bench: smoke test passed ({} rows)", rows.len());
     Ok(())
 }
