@@ -534,22 +534,21 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    // `cargo bench` passes `--bench`. Without it, `cargo test` is running this binary
-    // (Cargo.toml: `test = true`): a smoke test that every CPU section and its reference still
-    // run, once and briefly, so the harness cannot rot unnoticed. A test-name filter skips it.
-    let smoke = !flag("--bench");
+    // `cargo bench` passes `--bench`. Without it and without any of this harness's options,
+    // `cargo test` is running this binary (Cargo.toml: `test = true`): a smoke test that every
+    // CPU section and its reference still run, once and briefly, so the harness cannot rot
+    // unnoticed. A test-name filter skips it.
+    let smoke = !["--bench", "--only", "--reps", "--quick", "--kiln-only"].iter().any(|f| flag(f));
     if smoke && args.iter().any(|a| !a.starts_with('-')) {
         println!("kiln_bench: smoke test filtered out");
         return Ok(());
     }
-    let reps: usize = if smoke { 1 } else { value("--reps").map(|v| v.parse()).transpose()?.unwrap_or(3) };
+    let reps: usize = value("--reps").map(|v| v.parse()).transpose()?.unwrap_or(if smoke { 1 } else { 3 });
     let quick = smoke || flag("--quick");
-    REFERENCES.store(smoke || !flag("--kiln-only"), Ordering::Relaxed);
+    REFERENCES.store(!flag("--kiln-only"), Ordering::Relaxed);
     // The GPU section trains a 124M model: only on request, and only where a real GPU is
     // (on a CPU Vulkan driver such as lavapipe it would run for hours).
-    let only = value("--only")
-        .filter(|_| !smoke)
-        .unwrap_or_else(|| "train,checkpoint,stall,generate".into());
+    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate".into());
     let wants = |s: &str| only.split(',').any(|o| o == s);
     // Both sides run on two threads, the machine size these figures are meant for.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
