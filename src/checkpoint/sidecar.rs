@@ -236,10 +236,14 @@ impl Sidecar {
         let mut roles: Vec<&str> = self.files.iter().map(|f| f.role.as_str()).collect();
         roles.sort_unstable();
         if roles != ["optimizer", "weights"] {
+            let listed = match roles.len() {
+                0 => "none".to_string(),
+                1..=4 => roles.join(", "),
+                _ => format!("{}, ...", roles[..4].join(", ")),
+            };
             return Err(format!(
-                "`files` must record one `weights` and one `optimizer` file; it records {} ({})",
+                "`files` must record one `weights` and one `optimizer` file; it records {} ({listed})",
                 roles.len(),
-                if roles.is_empty() { "none".to_string() } else { roles.join(", ") },
             ));
         }
         Ok(())
