@@ -28,6 +28,8 @@ use safetensors::SafeTensors;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::fused::matmul::Buf;
+
 /// Errors reading a safetensors file; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -473,7 +475,7 @@ impl SafetensorsFile {
         }
         let len = rows * cols;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let dst = SharedSlice(out.as_mut_ptr());
+        let dst = Buf::spare(&mut out, len);
         let tensor_start = self.data_start + info.data_offsets.0;
         (0..rows.div_ceil(STRIP)).into_par_iter().try_for_each_init(Vec::new, |strip, s| {
             let r0 = s * STRIP;
@@ -489,9 +491,8 @@ impl SafetensorsFile {
                 for (r, row) in strip.chunks_exact(cols).enumerate() {
                     for (j, &v) in row[c0..c0 + width].iter().enumerate() {
                         let v = f32::from_bits(u32::from_le(v.to_bits()));
-                        // SAFETY: (c0 + j) * rows + r0 + r < cols * rows = the capacity, and
-                        // element (r0 + r, c0 + j) of the input belongs to this strip alone, so
-                        // no two tasks write one element; nothing reads `out` meanwhile.
+                        // SAFETY: element (r0 + r, c0 + j) of the input belongs to this strip
+                        // alone, so no two tasks write one element; nothing reads `out` meanwhile.
                         unsafe { dst.write((c0 + j) * rows + r0 + r, v) };
                     }
                 }
@@ -550,21 +551,6 @@ impl crate::params::ParamSource for &SafetensorsFile {
             return Err(format!("{name}: a Linear weight has two dimensions, not {hf_shape:?}"));
         };
         self.read_f32_transposed(name, [rows, cols]).map_err(|e| e.to_string())
-    }
-}
-
-/// An output buffer that parallel tasks fill at disjoint indices.
-#[derive(Clone, Copy)]
-struct SharedSlice(*mut f32);
-// SAFETY: only used where every task writes indices no other task touches.
-unsafe impl Send for SharedSlice {}
-unsafe impl Sync for SharedSlice {}
-
-impl SharedSlice {
-    /// # Safety
-    /// `i` is in bounds, and no other thread reads or writes element `i` meanwhile.
-    unsafe fn write(&self, i: usize, v: f32) {
-        unsafe { *self.0.add(i) = v };
     }
 }
 

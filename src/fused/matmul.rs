@@ -48,8 +48,8 @@ pub struct Buf {
     len: usize,
 }
 
-// SAFETY: a `Buf` is only written through `matmul` and `slice_mut`, whose callers promise that
-// no two tasks touch the same elements at once.
+// SAFETY: a `Buf` is only written through `matmul`, `slice_mut` and `write`, whose callers
+// promise that no two tasks touch the same elements at once.
 unsafe impl Send for Buf {}
 unsafe impl Sync for Buf {}
 
@@ -65,7 +65,7 @@ impl Buf {
 
     /// The first `len` elements of `buf`'s spare capacity: the caller writes every one of them
     /// before it calls `buf.set_len(len)` (see [`filled_many`]).
-    fn spare(buf: &mut Vec<f32>, len: usize) -> Self {
+    pub(crate) fn spare(buf: &mut Vec<f32>, len: usize) -> Self {
         assert!(buf.is_empty() && buf.capacity() >= len);
         Self { ptr: buf.spare_capacity_mut().as_mut_ptr().cast(), len }
     }
@@ -76,6 +76,15 @@ impl Buf {
     /// As [`Buf::slice_mut`].
     pub unsafe fn whole<'a>(self) -> &'a mut [f32] {
         unsafe { self.slice_mut(0, self.len) }
+    }
+
+    /// Writes element `i`, for tasks whose elements interleave (no slice of them exists).
+    ///
+    /// # Safety
+    /// No other task may touch element `i` meanwhile.
+    pub unsafe fn write(self, i: usize, v: f32) {
+        assert!(i < self.len, "element outside its buffer");
+        unsafe { *self.ptr.add(i) = v };
     }
 
     /// Elements `offset..offset + len`.

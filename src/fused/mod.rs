@@ -25,7 +25,7 @@ mod host;
 pub mod kernels;
 pub mod linear;
 pub mod linear_cross_entropy;
-mod matmul;
+pub(crate) mod matmul;
 
 use std::cell::Cell;
 use std::sync::LazyLock;
