@@ -249,7 +249,7 @@ fn raw_write(path: &Path, bytes: u64) -> Result<f64> {
 fn kiln_load(path: &Path, model: LlamaForCausalLM, shape: &LlamaShape, device: &Device) -> Result<(f64, LlamaForCausalLM)> {
     let start = Instant::now();
     let mut ck = checkpoint::open(path)?;
-    let restored = kiln::train::restore_tensors(&mut ck, model, shape, false, device)?;
+    let restored = kiln::resume::restore_tensors(&mut ck, model, shape, false, device)?;
     let secs = start.elapsed().as_secs_f64();
     anyhow::ensure!(!restored.moments.is_empty(), "the checkpoint has no optimizer moments");
     Ok((secs, restored.model))

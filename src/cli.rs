@@ -316,7 +316,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let tokenizer = p.tokenizer.as_ref().ok_or_else(|| {
         anyhow::anyhow!("{} has no tokenizer.json, so text cannot be encoded", args.model.model.display())
     })?;
-    let text = crate::train::read_text(&args.text_file, "--text-file ")?;
+    let text = crate::data::read_text(&args.text_file, "--text-file ")?;
     let ids = tokenizer.encode(&text)?;
     let trained_seq_len = p
         .training_metadata

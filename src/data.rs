@@ -1,4 +1,5 @@
-//! The corpus as token ids, its train/validation split, and the batch order.
+//! The corpus: read as UTF-8 text, as token ids, its train/validation split, and the batch
+//! order.
 //!
 //! Training examples are windows of `seq_len + 1` tokens (inputs and the targets shifted by
 //! one). Each epoch cuts the training split into non-overlapping windows starting at an
@@ -6,7 +7,9 @@
 //! on `(seed, epoch)`, so the loader's whole state is two numbers, [`DataPosition`], and a resumed
 //! run sees exactly the batches the interrupted one would have.
 
-use anyhow::{Result, bail};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -180,6 +183,28 @@ pub fn validation_batches(
         .chunks(batch_size)
         .map(|chunk| Batch::from_windows(tokens, chunk, seq_len))
         .collect()
+}
+
+/// Reads the training corpus, which must be UTF-8 text.
+pub fn read_corpus(path: &Path) -> Result<String> {
+    read_text(path, "data.path = ")
+}
+
+/// Reads a non-empty UTF-8 text file; `what` prefixes the path in errors.
+pub fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read {what}{}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{what}{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.is_empty() {
+        bail!("{what}{} is empty", path.display());
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! - data: `tokenizer`, `data` (splits and batch order);
 //! - the network: `model` (Llama), `params` (parameters by Hugging Face name), `fused`
 //!   (fused CPU kernels with hand-written backward passes, used on Flex and ndarray);
-//! - training: `train` (the `Learner` loop), `optim` (AdamW and clipping), `schedule`
-//!   (learning rate), `ema`, `metrics`, `plot`;
+//! - training: `train` (the `Learner` loop), `resume` (a checkpoint read back into a run),
+//!   `optim` (AdamW and clipping), `schedule` (learning rate), `ema`, `metrics`, `plot`;
 //! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),
 //!   `pretrained` (loading Hugging Face directories), `inspect`;
 //! - inference: `generate`, `evaluate`.
@@ -29,6 +29,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod pretrained;
+pub mod resume;
 pub mod safetensors_io;
 pub mod schedule;
 pub mod tokenizer;

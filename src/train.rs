@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
@@ -29,14 +29,15 @@ use crate::checkpoint::sidecar::{
 use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
 use crate::config::Config;
-use crate::data::{Batch, DataPosition, Splits, TrainLoader, validation_batches};
-use crate::ema::{Ema, EmaTensor};
+use crate::data::{Batch, DataPosition, Splits, TrainLoader, read_corpus, validation_batches};
+use crate::ema::Ema;
 use crate::metrics::{MetricRecord, MetricsLog};
 use crate::model::{LlamaForCausalLM, LlamaShape};
 use crate::pretrained::{self, LoadOptions};
-use crate::optim::{AdamW, AdamWConfig, Moments, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::{self, is_linear_weight, pending};
 use crate::plot::loss_curve_svg;
+use crate::resume::restore_tensors;
 use crate::safetensors_io::{PendingTensor, hex};
 use crate::schedule::WarmupCosine;
 use crate::tokenizer::KilnTokenizer;
@@ -730,147 +731,12 @@ impl Learner {
     }
 }
 
-/// A checkpoint's tensors, read into the model and fresh tensors on the device.
-pub struct RestoredTensors {
-    pub model: LlamaForCausalLM,
-    /// The optimizer's moments by parameter name (none before the first step).
-    pub moments: BTreeMap<String, Moments>,
-    /// The EMA weights, when they were asked for and the checkpoint has them.
-    pub ema: Option<BTreeMap<String, EmaTensor>>,
-}
-
-/// Reads a checkpoint's tensors as a resume does: its weights into `model` (built with the
-/// checkpoint's `shape`), its optimizer moments and, if `with_ema`, its EMA weights into
-/// flattened tensors in Burn layout; then waits until the checkpoint's checksums are verified
-/// (see [`checkpoint::open`]). A checkpoint that fails verification is reported as such, even
-/// when what was read from it also made no sense.
-pub fn restore_tensors(
-    ck: &mut LoadedCheckpoint,
-    model: LlamaForCausalLM,
-    shape: &LlamaShape,
-    with_ema: bool,
-    device: &Device,
-) -> Result<RestoredTensors> {
-    let read = read_tensors(ck, model, shape, with_ema, device);
-    ck.verified()?;
-    read
-}
-
-fn read_tensors(
-    ck: &LoadedCheckpoint,
-    model: LlamaForCausalLM,
-    shape: &LlamaShape,
-    with_ema: bool,
-    device: &Device,
-) -> Result<RestoredTensors> {
-    let s = &ck.sidecar;
-    check_same_shape(&s.model, shape)?;
-    let model = params::load_named(model, &mut &ck.weights).map_err(|errors| anyhow!("checkpoint weights do not fit the model:\n  {}", errors.join("\n  ")))?;
-
-    let inner = device.clone().without_autodiff();
-    let burn_shapes = burn_shapes(&model);
-    let mut moments = BTreeMap::new();
-    if s.optimizer.step > 0 {
-        for (name, shape) in &burn_shapes {
-            let exp_avg = read_flat(ck, &format!("exp_avg.{name}"), name, shape, &inner)?;
-            let exp_avg_sq = read_flat(ck, &format!("exp_avg_sq.{name}"), name, shape, &inner)?;
-            moments.insert(
-                name.clone(),
-                Moments {
-                    shape: shape.clone(),
-                    exp_avg,
-                    exp_avg_sq,
-                },
-            );
-        }
-    }
-    let ema = match (with_ema, s.ema_decay) {
-        (false, _) => None,
-        (true, Some(_)) => {
-            let mut weights = BTreeMap::new();
-            for (name, shape) in &burn_shapes {
-                let value = read_flat(ck, &format!("ema.{name}"), name, shape, &inner)?;
-                weights.insert(name.clone(), EmaTensor { shape: shape.clone(), value });
-            }
-            Some(weights)
-        }
-        (true, None) => {
-            tracing::warn!(
-                "training.ema_decay is set but the checkpoint has no EMA weights; the \
-                 average starts from the current weights"
-            );
-            None
-        }
-    };
-    Ok(RestoredTensors { model, moments, ema })
-}
-
-/// The learner's parameters with their Burn-layout shapes.
-fn burn_shapes(model: &LlamaForCausalLM) -> Vec<(String, Vec<usize>)> {
-    params::named_shapes(model)
-        .into_iter()
-        .map(|(name, mut shape)| {
-            if is_linear_weight(&name, shape.len()) {
-                shape.swap(0, 1);
-            }
-            (name, shape)
-        })
-        .collect()
-}
-
-/// Reads optimizer-file tensor `key` (state of parameter `param`, Burn shape `shape`) as a
-/// flattened device tensor in Burn layout.
-fn read_flat(
-    ck: &LoadedCheckpoint,
-    key: &str,
-    param: &str,
-    shape: &[usize],
-    device: &Device,
-) -> Result<Tensor<1>> {
-    let transposed = is_linear_weight(param, shape.len());
-    let mut hf_shape = shape.to_vec();
-    if transposed {
-        hf_shape.swap(0, 1);
-    }
-    let values = match *hf_shape {
-        [rows, cols] if transposed => ck.optim.read_f32_transposed(key, [rows, cols])?,
-        _ => ck.optim.read_f32(key, Some(&hf_shape))?.0,
-    };
-    let n = values.len();
-    Ok(Tensor::from_data(TensorData::new(values, [n]), device))
-}
-
 /// A flattened state tensor written in its parameter's Hugging Face layout.
 fn pending_flat(name: String, flat: &Tensor<1>, shape: &[usize], transposed: bool) -> PendingTensor {
     match *shape {
         [rows, cols] => pending(name, flat.clone().reshape([rows, cols]), transposed),
         _ => pending(name, flat.clone(), false),
     }
-}
-
-/// Refuses a checkpoint whose model shape differs from the config's, naming each difference.
-fn check_same_shape(saved: &LlamaShape, current: &LlamaShape) -> Result<()> {
-    if saved == current {
-        return Ok(());
-    }
-    let a = serde_json::to_value(saved)?;
-    let b = serde_json::to_value(current)?;
-    let mut diffs = Vec::new();
-    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
-        for (key, va) in a {
-            if b.get(key) != Some(va) {
-                let section = if key == "vocab_size" { "tokenizer" } else { "model" };
-                diffs.push(format!(
-                    "{section}.{key}: checkpoint {va}, config {}",
-                    b.get(key).cloned().unwrap_or_default()
-                ));
-            }
-        }
-    }
-    bail!(
-        "the checkpoint's model shape does not match the config:\n  {}",
-        diffs.join("\n  ")
-    )
 }
 
 fn policy(config: &Config) -> Policy {
@@ -906,28 +772,6 @@ fn lock_output_dir(out: &Path) -> Result<File> {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
-}
-
-/// Reads the training corpus, which must be UTF-8 text.
-pub fn read_corpus(path: &Path) -> Result<String> {
-    read_text(path, "data.path = ")
-}
-
-/// Reads a non-empty UTF-8 text file; `what` prefixes the path in errors.
-pub fn read_text(path: &Path, what: &str) -> Result<String> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read {what}{}", path.display()))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        anyhow!(
-            "{what}{} is not UTF-8 text (invalid byte at offset {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    if text.is_empty() {
-        bail!("{what}{} is empty", path.display());
-    }
-    Ok(text)
 }
 
 /// The dropout seed of step `step`: a SplitMix64 mix of the run seed and the step.
