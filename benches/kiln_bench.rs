@@ -278,7 +278,7 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     let policy = learner.checkpoints.policy().clone();
     let files = |ck_dir: &Path| ["checkpoint_latest.safetensors", "checkpoint_latest.optim.safetensors"].map(|f| ck_dir.join(f));
     let device = Device::flex();
-    let mut model = LlamaForCausalLM::init(&learner.shape, 0.02, 0.0, 0, &device);
+    let mut model = LlamaForCausalLM::for_loading(&learner.shape, 0.0, &device);
 
     let (mut save, mut raw, mut py_save, mut load, mut py_load, mut peak) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut verify = vec![];

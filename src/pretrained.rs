@@ -264,8 +264,13 @@ pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretra
         }
         available.insert(mapped, stored.clone());
     }
-    let model = LlamaForCausalLM::init(&shape, initializer_range, 0.0, 0, device);
-    // With partial loading, tensors the files lack keep these initial values.
+    // With partial loading, tensors the files lack keep a fresh model's initial values;
+    // without it, loading replaces every parameter or fails.
+    let model = if options.allow_partial {
+        LlamaForCausalLM::init(&shape, initializer_range, 0.0, 0, device)
+    } else {
+        LlamaForCausalLM::for_loading(&shape, 0.0, device)
+    };
     let initial: Option<BTreeMap<String, Vec<f32>>> = options.allow_partial.then(|| {
         params::named_tensors(&model)
             .into_iter()

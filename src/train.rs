@@ -212,13 +212,18 @@ impl Learner {
             }
             None => {
                 let shape = LlamaShape::new(&config.model, tokenizer.vocab_size());
-                let model = LlamaForCausalLM::init(
-                    &shape,
-                    config.model.initializer_range,
-                    config.model.dropout,
-                    t.seed,
-                    &device,
-                );
+                let model = if resume.is_some() {
+                    // Every weight is about to be replaced by the checkpoint's.
+                    LlamaForCausalLM::for_loading(&shape, config.model.dropout, &device)
+                } else {
+                    LlamaForCausalLM::init(
+                        &shape,
+                        config.model.initializer_range,
+                        config.model.dropout,
+                        t.seed,
+                        &device,
+                    )
+                };
                 (shape, model)
             }
         };

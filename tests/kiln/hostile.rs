@@ -128,6 +128,22 @@ fn cases() -> Vec<Case> {
             reseal: false, expect: "SHA-256 does not match", well_formed: true,
         },
         Case {
+            name: "missing tensor",
+            damage: |b| {
+                // The last tensor in the data is dropped from the header and its bytes cut, so
+                // the file stays well formed: only the model's own list of parameters can tell.
+                let (mut h, mut data) = split(&b);
+                let (name, start) = h.as_object().unwrap().iter()
+                    .filter(|(k, _)| *k != "__metadata__")
+                    .map(|(k, v)| (k.clone(), v["data_offsets"][0].as_u64().unwrap()))
+                    .max_by_key(|t| t.1).unwrap();
+                h.as_object_mut().unwrap().remove(&name);
+                data.truncate(start as usize);
+                join(&h, &data)
+            },
+            reseal: true, expect: "is missing", well_formed: true,
+        },
+        Case {
             name: "wrong dtype",
             damage: |b| {
                 let (mut h, data) = split(&b);

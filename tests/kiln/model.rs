@@ -134,6 +134,30 @@ fn initialisation_is_seeded_and_backend_independent() {
 }
 
 #[test]
+fn a_model_for_loading_has_the_same_parameters_and_computes_exactly_what_it_loads() {
+    let device = Device::flex();
+    for tied in [false, true] {
+        let s = shape(2, tied);
+        let original = LlamaForCausalLM::init(&s, 0.3, 0.0, 4, &device);
+        let weights = params::named_tensors(&original);
+        let skeleton = LlamaForCausalLM::for_loading(&s, 0.0, &device);
+        assert_eq!(params::named_shapes(&skeleton), params::named_shapes(&original));
+        // Its matrices are zero (nothing drawn), so only loading gives it values.
+        let embed = &params::named_tensors(&skeleton)[0];
+        assert!(embed.values.iter().all(|&v| v == 0.0), "{}", embed.name);
+
+        let mut source = |name: &str, _: &[usize]| {
+            weights.iter().find(|t| t.name == name).map(|t| t.values.clone()).ok_or(format!("missing {name}"))
+        };
+        let loaded = params::load_named(skeleton, &mut source).unwrap();
+        assert_eq!(params::named_tensors(&loaded), weights);
+        let input = tokens(&[3, 1, 4, 1, 5, 9, 2, 6], &device);
+        let (a, b) = (logits_vec(original.forward(input.clone())), logits_vec(loaded.forward(input)));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "tied {tied}: logits differ");
+    }
+}
+
+#[test]
 fn a_single_token_attends_only_to_itself() {
     // With one position, attention returns v exactly, so the layer output is independent of
     // q and k (and of RoPE); two different sequences sharing the first token agree there.
