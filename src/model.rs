@@ -561,8 +561,7 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     picked.mean().neg()
 }
 
-/// Draws initial weights in a fixed order from one seeded stream.
-/// Where a new model's matrices come from.
+/// Where a new model's matrices come from: one seeded stream drawn in a fixed order, or zeros.
 struct ParamInit<'a> {
     /// Normal values in a seeded order; `None`: zeros, for a model about to be loaded.
     normal: Option<(ChaCha8Rng, Normal<f32>)>,

@@ -266,17 +266,16 @@ pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretra
     }
     // With partial loading, tensors the files lack keep a fresh model's initial values;
     // without it, loading replaces every parameter or fails.
-    let model = if options.allow_partial {
-        LlamaForCausalLM::init(&shape, initializer_range, 0.0, 0, device)
-    } else {
-        LlamaForCausalLM::for_loading(&shape, 0.0, device)
-    };
-    let initial: Option<BTreeMap<String, Vec<f32>>> = options.allow_partial.then(|| {
-        params::named_tensors(&model)
+    let (model, initial) = if options.allow_partial {
+        let model = LlamaForCausalLM::init(&shape, initializer_range, 0.0, 0, device);
+        let initial: BTreeMap<String, Vec<f32>> = params::named_tensors(&model)
             .into_iter()
             .map(|t| (t.name, t.values))
-            .collect()
-    });
+            .collect();
+        (model, Some(initial))
+    } else {
+        (LlamaForCausalLM::for_loading(&shape, 0.0, device), None)
+    };
     let mut source = DirSource {
         weights: &weights,
         available: &available,
