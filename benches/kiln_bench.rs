@@ -26,7 +26,7 @@ use kiln::checkpoint::sidecar::CheckpointPaths;
 use kiln::checkpoint::{self, CheckpointManager};
 use kiln::config::{BackendKind, Config};
 use kiln::generate::{SamplingOptions, generate_ids};
-use kiln::model::{LlamaForCausalLM, LlamaShape};
+use kiln::model::{CausalLm, LlamaForCausalLM};
 use kiln::train::Learner;
 
 /// A Llama shape benchmarked on both sides.
@@ -166,7 +166,7 @@ fn torch_shape_args(shape: Shape, vocab: usize) -> Vec<String> {
 fn kiln_train(shape: Shape, backend: BackendKind, warmup: usize, steps: usize) -> Result<(f64, usize)> {
     let dir = tempfile::tempdir()?;
     let mut learner = Learner::new(config(shape, backend, dir.path())?)?;
-    let vocab = learner.shape.vocab_size;
+    let vocab = learner.arch.vocab_size();
     let batches: Vec<_> = (0..warmup + steps).map(|_| learner.loader.next_batch().expect("a long epoch")).collect();
     for b in &batches[..warmup] {
         learner.train_step(b)?;
@@ -260,10 +260,10 @@ fn raw_write(path: &Path, bytes: u64) -> Result<f64> {
 
 /// Loads a checkpoint into usable device tensors as a resume does: weights into the model,
 /// optimizer moments into tensors in Burn layout, checksums verified while they are read.
-fn kiln_load(path: &Path, model: LlamaForCausalLM, shape: &LlamaShape, device: &Device) -> Result<(f64, LlamaForCausalLM)> {
+fn kiln_load(path: &Path, model: CausalLm, device: &Device) -> Result<(f64, CausalLm)> {
     let start = Instant::now();
     let mut ck = checkpoint::open(path)?;
-    let restored = kiln::resume::restore_tensors(&mut ck, model, shape, false, device)?;
+    let restored = kiln::resume::restore_tensors(&mut ck, model, false, device)?;
     let secs = start.elapsed().as_secs_f64();
     anyhow::ensure!(!restored.moments.is_empty(), "the checkpoint has no optimizer moments");
     Ok((secs, restored.model))
@@ -274,11 +274,11 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     let mut learner = Learner::new(config(LARGE, BackendKind::Flex, &dir.path().join("run"))?)?;
     let batch = learner.loader.next_batch().expect("a batch");
     learner.train_step(&batch)?; // creates the optimizer moments
-    let params = learner.shape.num_params();
+    let params = learner.arch.num_params();
     let policy = learner.checkpoints.policy().clone();
     let files = |ck_dir: &Path| ["checkpoint_latest.safetensors", "checkpoint_latest.optim.safetensors"].map(|f| ck_dir.join(f));
     let device = Device::flex();
-    let mut model = LlamaForCausalLM::for_loading(&learner.shape, 0.0, &device);
+    let mut model = CausalLm::for_loading(&learner.arch, 0.0, &device);
 
     let (mut save, mut raw, mut py_save, mut load, mut py_load, mut peak) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut verify = vec![];
@@ -315,7 +315,7 @@ fn checkpoint_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         args.extend(["--out".into(), dir.path().join("torch.safetensors").display().to_string()]);
         py_save.extend(measured(python(&args)?, "seconds"));
 
-        let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &learner.shape, &device)?;
+        let (secs, m) = kiln_load(&files(&ck_dir)[0], model, &device)?;
         model = m;
         load.push(secs);
         // The checksums alone, with the files as warm in the page cache as the load had them:
@@ -438,10 +438,14 @@ fn generate_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
     };
     let model = LlamaForCausalLM::init(&shape, 0.02, 0.0, 0, &device);
     let prompt: Vec<u32> = (0..SMALL.seq_len as u32).map(|i| i % vocab as u32).collect();
-    let options = SamplingOptions { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, seed: 0, eos_token_id: None };
+    let options = SamplingOptions { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, seed: 0, eos_token_ids: Vec::new() };
     generate_ids(&model, &prompt, &SamplingOptions { max_new_tokens: 8, ..options.clone() }, &device)?;
     let (mut ours, mut theirs) = (vec![], vec![]);
     for _ in 0..reps {

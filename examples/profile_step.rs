@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use burn::optim::GradientsParams;
 use kiln::config::Config;
+use kiln::model::LanguageModel;
 use kiln::train::Learner;
 
 fn main() -> Result<()> {

@@ -35,6 +35,17 @@ pub enum Command {
     Inspect(InspectArgs),
     /// List the checkpoints of a run: kind, epoch, step, tracked metric, size, validity.
     Checkpoints(CheckpointsArgs),
+    /// Convert a weights file: a PyTorch .bin/.pt/.pth (read without running its pickle) to
+    /// .safetensors. Never overwrites OUT.
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The file to convert (`pytorch_model.bin`, `.pt`, `.pth`).
+    pub input: PathBuf,
+    /// The file to write (`.safetensors`); must not exist yet.
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval(args),
         Command::Inspect(args) => crate::inspect::inspect(&args.file, args.json),
         Command::Checkpoints(args) => crate::inspect::checkpoints(&args.dir, args.json),
+        Command::Convert(args) => crate::convert::convert(&args.input, &args.output),
     }
 }
 
@@ -213,10 +225,10 @@ fn train(args: TrainArgs) -> Result<()> {
     }
     eprintln!(
         "kiln: training {} parameters on {} ({} tokens/batch, vocab {}) -> {}",
-        learner.shape.num_params(),
+        learner.arch.num_params(),
         learner.config.training.backend.name(),
         learner.config.training.batch_size * learner.config.data.seq_len,
-        learner.shape.vocab_size,
+        learner.arch.vocab_size(),
         learner.config.output_dir.display()
     );
     let summary = learner.fit()?;
@@ -281,6 +293,10 @@ fn load_model(args: &ModelArgs) -> Result<(crate::pretrained::Pretrained, burn::
     let mut options = crate::pretrained::LoadOptions::with_rules(&args.key_map)?;
     options.allow_partial = args.allow_partial;
     let p = crate::pretrained::load(&args.model, &device, &options)?;
+    if !p.report.reindexed_layers.is_empty() {
+        let pairs: Vec<String> = p.report.reindexed_layers.iter().map(|(a, b)| format!("{a} as {b}")).collect();
+        eprintln!("kiln: layer indices have gaps; loaded layers {} in order", pairs.join(", "));
+    }
     for (stored, used) in &p.report.renamed {
         eprintln!("kiln: loaded `{stored}` as `{used}`");
     }
@@ -304,7 +320,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         seed: args.seed,
-        eos_token_id: tokenizer.eos_token().and_then(|t| tokenizer.token_to_id(t)),
+        eos_token_ids: tokenizer.special_tokens().eos_token_ids.clone(),
     };
     let ids = crate::generate::generate_ids(&p.model, &prompt, &options, &device)?;
     println!("{}", tokenizer.decode(&ids)?);
@@ -323,7 +339,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         .as_ref()
         .and_then(|m| m["hyperparameters"]["data"]["seq_len"].as_u64())
         .map(|v| v as usize);
-    let window = args.seq_len.or(trained_seq_len).unwrap_or(p.shape.max_position_embeddings);
+    let window = args.seq_len.or(trained_seq_len).unwrap_or(p.arch.max_context());
     let score = crate::evaluate::score(&p.model, &ids, window, args.batch_size, &device)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({

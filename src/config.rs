@@ -58,10 +58,14 @@ pub struct ExportConfig {
     pub at_end: bool,
 }
 
-/// Llama architecture; key names follow Hugging Face `LlamaConfig`.
+/// The architecture trained from scratch; shape keys follow Hugging Face `LlamaConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// `llama`, `qwen2` (biases on the query/key/value projections), `mistral` (with
+    /// `sliding_window`) or `gpt2` (learned positions, LayerNorm, GELU; `rms_norm_eps` is its
+    /// LayerNorm epsilon, `intermediate_size` its `n_inner`, `rope_theta` unused).
+    pub architecture: crate::model::Architecture,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -72,6 +76,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
+    /// A sliding attention window (Mistral's `sliding_window`, Qwen2's with
+    /// `use_sliding_window`); `data.seq_len` may not exceed it.
+    pub sliding_window: Option<usize>,
     /// Standard deviation of the normal initialisation (`initializer_range` in Hugging Face).
     pub initializer_range: f64,
     /// Dropout on the embeddings and on each residual branch during training (0 disables it).
@@ -172,8 +179,35 @@ pub struct TrainingConfig {
     pub ema_decay: Option<f64>,
 }
 
-/// Metrics a checkpoint policy can track; all are measured at evaluation steps.
-pub const TRACKABLE_METRICS: [&str; 3] = ["val_loss", "val_perplexity", "train_loss"];
+/// Metrics a checkpoint policy can track; all are read at evaluation steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Mean validation loss (nats/token) over the fixed validation batches.
+    ValLoss,
+    /// `exp(val_loss)`.
+    ValPerplexity,
+    /// Mean training loss of the most recent log window (of the steps since the last log line
+    /// when none has been written yet).
+    TrainLoss,
+}
+
+impl Metric {
+    /// The name in configs, checkpoint names and sidecars (`checkpoint_best_val_loss`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ValLoss => "val_loss",
+            Metric::ValPerplexity => "val_perplexity",
+            Metric::TrainLoss => "train_loss",
+        }
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,8 +218,8 @@ pub struct CheckpointConfig {
     pub save_every_epochs: usize,
     /// Step checkpoints kept (the best by `metric`).
     pub keep_top_k: usize,
-    /// The tracked metric: `val_loss`, `val_perplexity` or `train_loss`.
-    pub metric: String,
+    /// The tracked metric.
+    pub metric: Metric,
     pub mode: crate::checkpoint::policy::Mode,
     /// Write checkpoints on a background thread while training continues.
     pub async_save: bool,
@@ -221,7 +255,7 @@ impl Default for CheckpointConfig {
             save_every_steps: 500,
             save_every_epochs: 1,
             keep_top_k: 3,
-            metric: "val_loss".to_string(),
+            metric: Metric::ValLoss,
             mode: crate::checkpoint::policy::Mode::Min,
             async_save: true,
         }
@@ -231,6 +265,7 @@ impl Default for CheckpointConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            architecture: crate::model::Architecture::Llama,
             hidden_size: 128,
             num_layers: 4,
             num_heads: 4,
@@ -240,6 +275,7 @@ impl Default for ModelConfig {
             rope_theta: 10000.0,
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
+            sliding_window: None,
             initializer_range: 0.02,
             dropout: 0.0,
             init_from: None,
@@ -375,7 +411,14 @@ impl Config {
                 ),
             ));
         }
-        if m.head_dim() % 2 != 0 {
+        let gpt2 = m.architecture == crate::model::Architecture::Gpt2;
+        if gpt2 && m.num_kv_heads != m.num_heads {
+            return Err(key_error(
+                "model.num_kv_heads",
+                format!("{} must equal model.num_heads = {} for GPT-2, which has no grouped-query attention", m.num_kv_heads, m.num_heads),
+            ));
+        }
+        if !gpt2 && m.head_dim() % 2 != 0 {
             return Err(key_error(
                 "model.num_heads",
                 format!(
@@ -391,7 +434,8 @@ impl Config {
 
         let d = &self.data;
         positive("data.seq_len", d.seq_len)?;
-        if d.seq_len > m.max_position_embeddings {
+        // A fine-tune's positions come from `init_from`'s config.json, checked when it is read.
+        if m.init_from.is_none() && d.seq_len > m.max_position_embeddings {
             return Err(key_error(
                 "data.seq_len",
                 format!(
@@ -399,6 +443,18 @@ impl Config {
                     d.seq_len, m.max_position_embeddings
                 ),
             ));
+        }
+        if let Some(window) = m.sliding_window {
+            positive("model.sliding_window", window)?;
+            if !matches!(m.architecture, crate::model::Architecture::Mistral | crate::model::Architecture::Qwen2) {
+                return Err(key_error("model.sliding_window", "is for model.architecture = \"mistral\" or \"qwen2\"; this architecture attends to the whole context"));
+            }
+            if m.init_from.is_none() && d.seq_len > window {
+                return Err(key_error(
+                    "data.seq_len",
+                    format!("{} exceeds model.sliding_window = {window}; kiln computes contexts up to the window exactly and does not mask longer ones", d.seq_len),
+                ));
+            }
         }
         fraction("data.val_fraction", d.val_fraction, false)?;
         if d.tokenizer == TokenizerKind::Bpe && d.vocab_size < 257 {
@@ -456,12 +512,6 @@ impl Config {
         }
         if let Some(rule) = self.model.init_key_map.iter().find(|r| !r.contains('=')) {
             return Err(key_error("model.init_key_map", format!("rule {rule:?} is not PATTERN=REPLACEMENT")));
-        }
-        if !TRACKABLE_METRICS.contains(&c.metric.as_str()) {
-            return Err(key_error(
-                "checkpoint.metric",
-                format!("`{}` is not a metric kiln measures; use one of {}", c.metric, TRACKABLE_METRICS.join(", ")),
-            ));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 
 use crate::data::Batch;
-use crate::model::LlamaForCausalLM;
+use crate::model::LanguageModel;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TextScore {
@@ -18,7 +18,7 @@ pub struct TextScore {
 /// Scores `ids` in consecutive windows of up to `window` predicted tokens (each window sees
 /// only its own context), `batch_size` windows at a time.
 pub fn score(
-    model: &LlamaForCausalLM,
+    model: &impl LanguageModel,
     ids: &[u32],
     window: usize,
     batch_size: usize,
@@ -51,7 +51,7 @@ pub fn score(
     })
 }
 
-fn batch_loss(model: &LlamaForCausalLM, batch: &Batch, device: &Device) -> f64 {
+fn batch_loss(model: &impl LanguageModel, batch: &Batch, device: &Device) -> f64 {
     let (inputs, targets) = batch.to_tensors(device);
     model.loss(inputs, targets).into_scalar::<f32>() as f64
 }

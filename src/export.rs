@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::checkpoint::storage::{LocalFs, Storage, parent, write_atomic};
-use crate::model::LlamaShape;
+use crate::model::ArchConfig;
 use crate::safetensors_io::{PendingTensor, write_to};
 use crate::tokenizer::KilnTokenizer;
 
@@ -23,7 +23,8 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Everything a bundle is made from.
 pub struct Bundle {
-    pub shape: LlamaShape,
+    /// The architecture, written as `config.json`.
+    pub arch: ArchConfig,
     /// Tensors under Hugging Face names and layout, in state-dict order.
     pub tensors: Vec<PendingTensor>,
     pub tokenizer: KilnTokenizer,
@@ -88,59 +89,54 @@ pub fn plan_shards(sizes: &[(String, u64)], max_shard_size: u64) -> Vec<Vec<usiz
     shards
 }
 
-/// Hugging Face `LlamaConfig` for `shape`.
-pub fn config_json(shape: &LlamaShape, tokenizer: &KilnTokenizer, initializer_range: f64) -> Value {
-    let eos = tokenizer.eos_token().and_then(|t| tokenizer.token_to_id(t));
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": shape.vocab_size,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "num_hidden_layers": shape.num_layers,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "head_dim": shape.head_dim(),
-        "max_position_embeddings": shape.max_position_embeddings,
-        "rope_theta": shape.rope_theta,
-        "rope_scaling": null,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": false,
+/// `config.json`: the architecture's Hugging Face config with its class, special-token ids and
+/// dtype, as `save_pretrained` writes it.
+pub fn config_json(arch: &ArchConfig, tokenizer: &KilnTokenizer) -> Value {
+    let special = tokenizer.special_tokens();
+    let mut config = arch.to_hf();
+    let extra = json!({
+        "architectures": [arch.architecture().class_name()],
         "attention_dropout": 0.0,
-        "mlp_bias": false,
-        "pretraining_tp": 1,
-        "initializer_range": initializer_range,
         "use_cache": true,
-        "bos_token_id": null,
-        "eos_token_id": eos,
-        "pad_token_id": null,
+        "bos_token_id": special.bos_token_id,
+        "eos_token_id": special.eos_json(),
+        "pad_token_id": special.pad_token_id,
         "torch_dtype": "float32",
-    })
+    });
+    if let (Some(config), Value::Object(extra)) = (config.as_object_mut(), extra) {
+        config.extend(extra);
+    }
+    config
 }
 
-fn tokenizer_config_json(shape: &LlamaShape, tokenizer: &KilnTokenizer) -> Value {
+/// A pretrained tokenizer's `tokenizer_config.json` as it was (special tokens, chat template,
+/// added tokens); for kiln's own tokenizers one that names the class and the special tokens.
+fn tokenizer_config_json(arch: &ArchConfig, tokenizer: &KilnTokenizer) -> Value {
+    let special = tokenizer.special_tokens();
+    if let Some(config) = &special.tokenizer_config {
+        return config.clone();
+    }
+    let token = |id: Option<u32>| id.and_then(|id| tokenizer.id_to_token(id));
     // Without `tokenizer_class`, transformers guesses a class from config.json's model type
     // (LlamaTokenizer), which cannot represent a character vocabulary.
     json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": shape.max_position_embeddings,
+        "model_max_length": arch.max_context(),
         "clean_up_tokenization_spaces": false,
-        "bos_token": null,
-        "eos_token": tokenizer.eos_token(),
+        "bos_token": token(special.bos_token_id),
+        "eos_token": token(special.eos_token_ids.first().copied()),
         "unk_token": null,
-        "pad_token": null,
+        "pad_token": token(special.pad_token_id),
     })
 }
 
 fn generation_config_json(tokenizer: &KilnTokenizer) -> Value {
-    let eos = tokenizer.eos_token().and_then(|t| tokenizer.token_to_id(t));
+    let special = tokenizer.special_tokens();
     json!({
         "_from_model_config": true,
-        "bos_token_id": null,
-        "eos_token_id": eos,
-        "pad_token_id": null,
+        "bos_token_id": special.bos_token_id,
+        "eos_token_id": special.eos_json(),
+        "pad_token_id": special.pad_token_id,
         "do_sample": false,
     })
 }
@@ -154,7 +150,7 @@ pub struct ExportReport {
 }
 
 /// Writes `bundle` to `dir`, which must not exist yet.
-pub fn write_bundle(dir: &Path, bundle: Bundle, max_shard_size: u64, initializer_range: f64) -> Result<ExportReport> {
+pub fn write_bundle(dir: &Path, bundle: Bundle, max_shard_size: u64) -> Result<ExportReport> {
     if dir.exists() {
         bail!(
             "{} already exists; kiln never overwrites a bundle (choose another --version or --out)",
@@ -166,7 +162,7 @@ pub fn write_bundle(dir: &Path, bundle: Bundle, max_shard_size: u64, initializer
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     let staging = crate::checkpoint::storage::temp_path(dir);
     std::fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    let result = fill(&staging, bundle, max_shard_size, initializer_range, &storage);
+    let result = fill(&staging, bundle, max_shard_size, &storage);
     let files = match result {
         Ok(files) => files,
         Err(e) => {
@@ -195,7 +191,6 @@ fn fill(
     dir: &Path,
     bundle: Bundle,
     max_shard_size: u64,
-    initializer_range: f64,
     storage: &dyn Storage,
 ) -> Result<Vec<String>> {
     let mut files: Vec<String> = Vec::new();
@@ -205,16 +200,16 @@ fn fill(
         files.push(name.to_string());
         Ok(())
     };
-    let shape = bundle.shape.clone();
-    put(&mut files, "config.json", &pretty(&config_json(&shape, &bundle.tokenizer, initializer_range)))?;
+    let arch = bundle.arch.clone();
+    put(&mut files, "config.json", &pretty(&config_json(&arch, &bundle.tokenizer)))?;
     put(&mut files, "generation_config.json", &pretty(&generation_config_json(&bundle.tokenizer)))?;
     put(&mut files, "tokenizer.json", bundle.tokenizer.to_json()?.as_bytes())?;
-    put(&mut files, "tokenizer_config.json", &pretty(&tokenizer_config_json(&shape, &bundle.tokenizer)))?;
+    put(&mut files, "tokenizer_config.json", &pretty(&tokenizer_config_json(&arch, &bundle.tokenizer)))?;
     put(&mut files, "training_metadata.json", &pretty(&bundle.training_metadata))?;
     if let Some(svg) = &bundle.loss_curve_svg {
         put(&mut files, "loss_curve.svg", svg.as_bytes())?;
     }
-    let card = model_card(&shape, &bundle.training_metadata, bundle.loss_curve_svg.is_some(), &bundle.tokenizer);
+    let card = model_card(&arch, &bundle.training_metadata, bundle.loss_curve_svg.is_some(), &bundle.tokenizer);
     put(&mut files, "README.md", card.as_bytes())?;
 
     // Weights, sharded past the limit.
@@ -274,7 +269,9 @@ fn pretty(v: &Value) -> Vec<u8> {
 }
 
 /// The generated `README.md` model card.
-pub fn model_card(shape: &LlamaShape, meta: &Value, has_curve: bool, tokenizer: &KilnTokenizer) -> String {
+pub fn model_card(arch: &ArchConfig, meta: &Value, has_curve: bool, tokenizer: &KilnTokenizer) -> String {
+    let class = arch.architecture().class_name();
+    let model_type = arch.architecture().model_type();
     let get = |path: &[&str]| -> String {
         let mut v = meta;
         for p in path {
@@ -290,35 +287,32 @@ pub fn model_card(shape: &LlamaShape, meta: &Value, has_curve: bool, tokenizer: 
             other => other.to_string(),
         }
     };
-    let params = shape.num_params();
+    let params = arch.num_params();
     let mut card = String::new();
-    let _ = writeln!(card, "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- kiln\n- llama\n---\n");
+    let _ = writeln!(card, "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- kiln\n- {model_type}\n---\n");
+    let origin = match meta["hyperparameters"]["model"]["init_from"].as_str() {
+        Some(base) => format!("fine-tuned from `{base}`"),
+        None => "trained from scratch".to_string(),
+    };
     let _ = write!(
         card,
         "# {name}\n\n\
-         A {params_h}-parameter decoder-only language model with the Llama architecture, trained \
-         from scratch with kiln (Rust, Burn {burn}) on `{data}`. It is a \
-         small research/demo model: expect plausible-looking text in the style of its corpus, \
-         not facts.\n\n",
+         A {params_h}-parameter decoder-only language model ({class}), {origin} with kiln \
+         (Rust, Burn {burn}) on `{data}`. Expect text in the style of its corpus, not facts.\n\n",
         name = get(&["bundle_name"]),
         params_h = human_count(params),
         burn = get(&["burn_version"]),
         data = get(&["data", "path"]),
     );
     card.push_str("## Architecture\n\n| | |\n| --- | --- |\n");
-    for (k, v) in [
-        ("architecture", "LlamaForCausalLM".to_string()),
+    let mut rows = vec![
+        ("architecture", class.to_string()),
         ("parameters", format!("{params} ({})", human_count(params))),
-        ("layers", shape.num_layers.to_string()),
-        ("hidden size", shape.hidden_size.to_string()),
-        ("attention heads", shape.num_heads.to_string()),
-        ("key/value heads", shape.num_kv_heads.to_string()),
-        ("MLP (SwiGLU) size", shape.intermediate_size.to_string()),
-        ("vocabulary", format!("{} ({:?} tokenizer)", shape.vocab_size, tokenizer.kind()).to_lowercase()),
-        ("context length", shape.max_position_embeddings.to_string()),
-        ("rope theta", shape.rope_theta.to_string()),
-        ("tied embeddings", shape.tie_word_embeddings.to_string()),
-    ] {
+    ];
+    rows.extend(arch.summary());
+    rows.push(("vocabulary", format!("{} ({} tokenizer)", arch.vocab_size(), tokenizer.describe())));
+    rows.push(("context length", arch.max_context().to_string()));
+    for (k, v) in rows {
         let _ = writeln!(card, "| {k} | {v} |");
     }
     card.push_str("\n## Training\n\n| | |\n| --- | --- |\n");
@@ -364,7 +358,7 @@ pub fn model_card(shape: &LlamaShape, meta: &Value, has_curve: bool, tokenizer: 
          - Context is limited to {ctx} tokens; no instruction tuning, no safety tuning.\n\
          - Validation loss is measured on the held-out tail of the same corpus, which flatters \
          the model compared with text from elsewhere.\n",
-        ctx = shape.max_position_embeddings,
+        ctx = arch.max_context(),
     );
     card
 }
@@ -466,8 +460,8 @@ pub fn export_checkpoint(
     max_shard_size: u64,
 ) -> Result<ExportReport> {
     let s = &ck.sidecar;
-    let tokenizer = KilnTokenizer::from_json(&s.tokenizer.to_string())?;
-    let names = crate::params::hf_param_names(&s.model);
+    let tokenizer = KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone())?;
+    let names = s.model.hf_param_names();
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
         let info = ck.weights.info(&name)?;
@@ -482,11 +476,11 @@ pub fn export_checkpoint(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let bundle = Bundle {
-        shape: s.model.clone(),
+        arch: s.model.clone(),
         tensors,
         tokenizer,
         training_metadata: training_metadata(s, &bundle_name),
         loss_curve_svg: crate::plot::loss_curve_svg(&s.metrics_history, &format!("{bundle_name}: loss curve")),
     };
-    write_bundle(dir, bundle, max_shard_size, s.config.model.initializer_range)
+    write_bundle(dir, bundle, max_shard_size)
 }

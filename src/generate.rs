@@ -6,7 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{KvCache, LlamaForCausalLM};
+use crate::model::{KvCache, LanguageModel};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingOptions {
@@ -16,14 +16,14 @@ pub struct SamplingOptions {
     /// Sample among the `top_k` most likely tokens only (`None`: all).
     pub top_k: Option<usize>,
     pub seed: u64,
-    /// Stop after emitting this token.
-    pub eos_token_id: Option<u32>,
+    /// Stop after emitting any of these tokens.
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// Continues `prompt` (token ids) and returns only the new ids. Generation stops at
 /// `max_new_tokens`, at the end-of-sequence token, or when the context is full.
 pub fn generate_ids(
-    model: &LlamaForCausalLM,
+    model: &impl LanguageModel,
     prompt: &[u32],
     options: &SamplingOptions,
     device: &Device,
@@ -41,13 +41,13 @@ pub fn generate_ids(
     // Keep the most recent context that fits, leaving room for one new token.
     let prompt = &prompt[prompt.len().saturating_sub(max_positions - 1)..];
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
-    let mut cache = KvCache::new(model.model.layers.len());
+    let mut cache = KvCache::new(model.num_layers());
     let mut logits = last_logits(model, prompt, &mut cache, device);
     let mut out = Vec::with_capacity(options.max_new_tokens);
     while out.len() < options.max_new_tokens {
         let next = choose(&logits, options, &mut rng);
         out.push(next);
-        if Some(next) == options.eos_token_id || cache.len() >= max_positions {
+        if options.eos_token_ids.contains(&next) || cache.len() >= max_positions {
             break;
         }
         logits = last_logits(model, &[next], &mut cache, device);
@@ -56,7 +56,7 @@ pub fn generate_ids(
 }
 
 /// Logits of the last position after feeding `ids` through the cache.
-fn last_logits(model: &LlamaForCausalLM, ids: &[u32], cache: &mut KvCache, device: &Device) -> Vec<f32> {
+fn last_logits(model: &impl LanguageModel, ids: &[u32], cache: &mut KvCache, device: &Device) -> Vec<f32> {
     let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let n = input.len();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(input, [1, n]), device);
@@ -106,7 +106,7 @@ mod tests {
     use super::*;
 
     fn opts(temperature: f64, top_k: Option<usize>) -> SamplingOptions {
-        SamplingOptions { max_new_tokens: 1, temperature, top_k, seed: 0, eos_token_id: None }
+        SamplingOptions { max_new_tokens: 1, temperature, top_k, seed: 0, eos_token_ids: Vec::new() }
     }
 
     #[test]

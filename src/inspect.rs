@@ -77,7 +77,7 @@ fn summary(s: &Sidecar) -> Value {
 /// The facts `inspect` reports about a bundle or Hugging Face directory (or its shard index):
 /// the architecture from `config.json`, every tensor with the file holding it, and the index.
 pub fn describe_bundle(dir: &Path) -> Result<Value> {
-    let (shape, _) = crate::pretrained::read_config(dir)?;
+    let arch = crate::model::ArchConfig::read(dir)?;
     let weights = crate::pretrained::WeightFiles::open(dir)?;
     let mut tensors = Vec::new();
     let mut parameters = 0u64;
@@ -118,7 +118,7 @@ pub fn describe_bundle(dir: &Path) -> Result<Value> {
         .and_then(|t| serde_json::from_str::<Value>(&t).ok());
     Ok(json!({
         "path": dir.display().to_string(),
-        "architecture": shape,
+        "architecture": arch.to_hf(),
         "parameters": parameters,
         "bytes": tensor_bytes,
         "files": files,
@@ -278,16 +278,14 @@ pub fn checkpoints(dir: &Path, as_json: bool) -> Result<()> {
         let row = match &listed.sidecar {
             Ok(s) => {
                 let verified = checkpoint::verify(&listed.paths);
-                let metric = s.best_metric.as_ref().map(|b| b.name.clone()).unwrap_or_else(|| {
-                    s.config.checkpoint.metric.clone()
-                });
+                let metric = s.best_metric.as_ref().map_or(s.config.checkpoint.metric, |b| b.name);
                 json!({
                     "name": listed.name,
                     "kind": s.kind,
                     "epoch": s.epoch,
                     "step": s.global_step,
                     "metric": metric,
-                    "value": s.metrics.get(&metric),
+                    "value": s.metrics.get(metric.name()),
                     "bytes": size,
                     "valid": verified.is_ok(),
                     "error": verified.err().map(|e| e.to_string()),

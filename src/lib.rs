@@ -1,21 +1,24 @@
-//! kiln: train Llama-style language models with Burn, on CPU or GPU, with checkpoints you can
-//! trust and exports in Hugging Face's formats.
+//! kiln: train decoder-only language models (Llama, Qwen2, Mistral) with Burn, on CPU or GPU,
+//! with checkpoints you can trust and exports in Hugging Face's formats.
 //!
 //! One module per concern:
 //! - run set-up: `config` (the TOML run config), `backend` (device selection), `cli`;
 //! - data: `tokenizer`, `data` (splits and batch order);
-//! - the network: `model` (Llama), `params` (parameters by Hugging Face name), `fused`
+//! - the network: `model` (one file per architecture, and the ops they are written in),
+//!   `params` (parameters by Hugging Face name), `fused`
 //!   (fused CPU kernels with hand-written backward passes, used on Flex and ndarray);
 //! - training: `train` (the `Learner` loop), `resume` (a checkpoint read back into a run),
 //!   `optim` (AdamW and clipping), `schedule` (learning rate), `ema`, `metrics`, `plot`;
 //! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),
-//!   `pretrained` (loading Hugging Face directories), `inspect`;
+//!   `pretrained` (loading Hugging Face directories), `inspect`,
+//!   `pytorch` (`pytorch_model.bin`/`.pt`/`.pth`, read without running their pickle), `convert`;
 //! - inference: `generate`, `evaluate`.
 
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod ema;
 pub mod evaluate;
@@ -29,6 +32,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod pretrained;
+pub mod pytorch;
 pub mod resume;
 pub mod safetensors_io;
 pub mod schedule;

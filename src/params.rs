@@ -1,19 +1,14 @@
 //! Parameters by Hugging Face name, in Hugging Face layout.
 //!
-//! A parameter's module path is its Hugging Face name (see `model.rs`). The only mapping is the
-//! layout of Linear weights, which Burn stores `[in, out]` and PyTorch `[out, in]`: every 2-D
-//! parameter except the embedding table is a Linear weight and is transposed on the way out.
+//! A parameter's module path is its Hugging Face name (see `model`). The only mapping is the
+//! layout of Linear weights, which Burn stores `[in, out]` and PyTorch `[out, in]`; each
+//! architecture says which of its parameters those are ([`HfLayout`]), and they are transposed
+//! on the way out and in.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
-/// The embedding table: the one 2-D parameter that is not a Linear weight.
-pub const EMBEDDING: &str = "model.embed_tokens.weight";
-
-/// Whether the named 2-D parameter is stored transposed relative to Hugging Face.
-pub fn is_linear_weight(name: &str, rank: usize) -> bool {
-    rank == 2 && name != EMBEDDING
-}
+pub use crate::model::HfLayout;
 
 /// Visits float parameters by name (their module path, i.e. their Hugging Face name).
 pub trait NamedVisitor {
@@ -41,19 +36,28 @@ pub fn map_named<M: Module, V: NamedMapper>(module: M, mapper: &mut V) -> M {
     })
 }
 
-/// Tracks the module path around a named visitor or mapper.
+/// Tracks the module path around a named visitor or mapper. The variant of an enum module
+/// (`CausalLm::Llama`) is not part of the name.
 struct Paths<'a, V> {
     path: Vec<String>,
     inner: &'a mut V,
 }
 
+fn is_enum(container_type: &str) -> bool {
+    container_type.starts_with("Enum:")
+}
+
 impl<V: NamedVisitor> ModuleVisitor for Paths<'_, V> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !is_enum(container_type) {
+            self.path.push(name.to_string());
+        }
     }
 
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !is_enum(container_type) {
+            self.path.pop();
+        }
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -62,12 +66,16 @@ impl<V: NamedVisitor> ModuleVisitor for Paths<'_, V> {
 }
 
 impl<V: NamedMapper> burn::module::ModuleMapper for Paths<'_, V> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !is_enum(container_type) {
+            self.path.push(name.to_string());
+        }
     }
 
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !is_enum(container_type) {
+            self.path.pop();
+        }
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -85,33 +93,38 @@ pub struct NamedTensor {
 }
 
 /// All parameters of `module`, in module order, copied to the host in Hugging Face layout.
-pub fn named_tensors<M: Module>(module: &M) -> Vec<NamedTensor> {
-    let mut collector = Collector::default();
+pub fn named_tensors<M: Module + HfLayout>(module: &M) -> Vec<NamedTensor> {
+    let mut collector = Collector {
+        layout: module,
+        shapes_only: false,
+        out: Vec::new(),
+    };
     visit_named(module, &mut collector);
     collector.out
 }
 
 /// Names and Hugging Face shapes of all float parameters, without reading their values.
-pub fn named_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
+pub fn named_shapes<M: Module + HfLayout>(module: &M) -> Vec<(String, Vec<usize>)> {
     let mut collector = Collector {
+        layout: module,
         shapes_only: true,
-        ..Default::default()
+        out: Vec::new(),
     };
     visit_named(module, &mut collector);
     collector.out.into_iter().map(|t| (t.name, t.shape)).collect()
 }
 
-#[derive(Default)]
-struct Collector {
+struct Collector<'a> {
+    layout: &'a dyn HfLayout,
     shapes_only: bool,
     out: Vec<NamedTensor>,
 }
 
-impl NamedVisitor for Collector {
+impl NamedVisitor for Collector<'_> {
     fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>) {
         let name = name.to_string();
         let tensor = param.val();
-        let tensor: Tensor<D> = if is_linear_weight(&name, D) {
+        let tensor: Tensor<D> = if self.layout.stored_transposed(&name, D) {
             tensor.swap_dims(0, 1)
         } else {
             tensor
@@ -159,9 +172,16 @@ impl<F: FnMut(&str, &[usize]) -> Result<Vec<f32>, String>> ParamSource for F {
 /// Replaces every parameter of `module` with values from `source`, converting from Hugging Face
 /// layout. Parameters keep their ids and whether they require gradients. All problems are
 /// collected and reported together.
-pub fn load_named<M: Module>(module: M, source: &mut dyn ParamSource) -> Result<M, Vec<String>> {
+pub fn load_named<M: Module + HfLayout>(module: M, source: &mut dyn ParamSource) -> Result<M, Vec<String>> {
+    let mut transposed = std::collections::BTreeSet::new();
+    for (name, shape) in named_shapes(&module) {
+        if module.stored_transposed(&name, shape.len()) {
+            transposed.insert(name);
+        }
+    }
     let mut loader = Loader {
         source,
+        transposed,
         errors: Vec::new(),
     };
     let module = map_named(module, &mut loader);
@@ -174,6 +194,8 @@ pub fn load_named<M: Module>(module: M, source: &mut dyn ParamSource) -> Result<
 
 struct Loader<'a> {
     source: &'a mut dyn ParamSource,
+    /// The parameters stored transposed (the module is being consumed, so asked up front).
+    transposed: std::collections::BTreeSet<String>,
     errors: Vec<String>,
 }
 
@@ -181,7 +203,7 @@ impl NamedMapper for Loader<'_> {
     fn map<const D: usize>(&mut self, name: &str, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, tensor, mapper) = param.consume();
         let burn_shape = tensor.dims();
-        let transposed = is_linear_weight(name, D);
+        let transposed = self.transposed.contains(name);
         let mut hf_shape = burn_shape.to_vec();
         if transposed {
             hf_shape.swap(0, 1);
@@ -291,41 +313,15 @@ pub fn pending<const D: usize>(
 }
 
 /// Write-pending copies of all parameters of `module`, named as in Hugging Face.
-pub fn pending_params<M: Module>(module: &M) -> Vec<crate::safetensors_io::PendingTensor> {
-    struct Pending(Vec<crate::safetensors_io::PendingTensor>);
-    impl NamedVisitor for Pending {
+pub fn pending_params<M: Module + HfLayout>(module: &M) -> Vec<crate::safetensors_io::PendingTensor> {
+    struct Pending<'a>(&'a dyn HfLayout, Vec<crate::safetensors_io::PendingTensor>);
+    impl NamedVisitor for Pending<'_> {
         fn visit<const D: usize>(&mut self, name: &str, param: &Param<Tensor<D>>) {
-            let transposed = is_linear_weight(name, D);
-            self.0.push(pending(name.to_string(), param.val(), transposed));
+            let transposed = self.0.stored_transposed(name, D);
+            self.1.push(pending(name.to_string(), param.val(), transposed));
         }
     }
-    let mut v = Pending(Vec::new());
+    let mut v = Pending(module, Vec::new());
     visit_named(module, &mut v);
-    v.0
-}
-
-/// The parameter names of a Llama model in Hugging Face state-dict order (the order
-/// `save_pretrained` writes and shards them in).
-pub fn hf_param_names(shape: &crate::model::LlamaShape) -> Vec<String> {
-    let mut names = vec![EMBEDDING.to_string()];
-    for i in 0..shape.num_layers {
-        for part in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
-            names.push(format!("model.layers.{i}.{part}.weight"));
-        }
-    }
-    names.push("model.norm.weight".to_string());
-    if !shape.tie_word_embeddings {
-        names.push("lm_head.weight".to_string());
-    }
-    names
+    v.1
 }

@@ -1,7 +1,9 @@
-//! Loading a Hugging Face Llama directory (or a kiln bundle, which is one): `config.json`,
-//! `model.safetensors` or shards with `model.safetensors.index.json`, and `tokenizer.json`.
+//! Loading a Hugging Face model directory (or a kiln bundle, which is one) of an architecture
+//! kiln runs (`model`): `config.json`, `model.safetensors` or shards with
+//! `model.safetensors.index.json`, and `tokenizer.json` with its special tokens.
 //!
-//! Tensors may be F32, F16 or BF16 (computation is in f32). A tied head is stored once, under
+//! Weights are safetensors or, when a directory has none, PyTorch's `pytorch_model.bin` (or its
+//! shards; see `pytorch`). Tensors may be F32, F16 or BF16 (computation is in f32). A tied head is stored once, under
 //! `model.embed_tokens.weight`. Weights saved under other names are mapped with regex rules
 //! (`pattern=replacement`, applied in order to each stored name); every expected tensor that is
 //! not found is reported as missing and every stored tensor that is not used as unexpected.
@@ -17,8 +19,9 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::export::{INDEX_FILE, WEIGHTS_FILE};
-use crate::model::{LlamaForCausalLM, LlamaShape};
+use crate::model::{ArchConfig, CausalLm};
 use crate::params;
+use crate::pytorch::{TORCH_INDEX_FILE, TORCH_WEIGHTS_FILE, TorchWeights};
 use crate::safetensors_io::SafetensorsFile;
 use crate::tokenizer::KilnTokenizer;
 
@@ -67,87 +70,20 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
     /// Stored names that the key map changed, as (stored, used-as).
     pub renamed: Vec<(String, String)>,
+    /// Layer indices with gaps (a pruned model) loaded in order, as (stored, used-as).
+    pub reindexed_layers: Vec<(usize, usize)>,
 }
 
 pub struct Pretrained {
     pub dir: PathBuf,
-    pub shape: LlamaShape,
-    pub initializer_range: f64,
-    pub model: LlamaForCausalLM,
+    /// The directory's `config.json`.
+    pub arch: ArchConfig,
+    pub model: CausalLm,
     /// `tokenizer.json`, when the directory has one.
     pub tokenizer: Option<KilnTokenizer>,
     pub report: LoadReport,
     /// `training_metadata.json` of a kiln bundle.
     pub training_metadata: Option<Value>,
-}
-
-/// Reads `config.json` as a Llama architecture kiln can run.
-pub fn read_config(dir: &Path) -> Result<(LlamaShape, f64)> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {} (is {} a model directory?)", path.display(), dir.display()))?;
-    let c: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let model_type = c["model_type"].as_str().unwrap_or("");
-    if model_type != "llama" {
-        bail!("{}: model_type is {:?}; kiln runs Llama models (model_type \"llama\")", path.display(), c["model_type"]);
-    }
-    let int = |key: &str| -> Result<usize> {
-        c[key]
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("{}: `{key}` is missing or not a whole number", path.display()))
-    };
-    let num_heads = int("num_attention_heads")?;
-    let hidden_size = int("hidden_size")?;
-    let num_kv_heads = match c.get("num_key_value_heads") {
-        Some(Value::Null) | None => num_heads,
-        Some(_) => int("num_key_value_heads")?,
-    };
-    if let Some(head_dim) = c["head_dim"].as_u64()
-        && head_dim as usize * num_heads != hidden_size
-    {
-        bail!("{}: head_dim {head_dim} x {num_heads} heads != hidden_size {hidden_size}; kiln needs head_dim = hidden_size / num_attention_heads", path.display());
-    }
-    // transformers 5 nests RoPE settings under `rope_parameters`; 4.x has `rope_theta` and
-    // `rope_scaling` at the top.
-    let rope = c.get("rope_parameters").filter(|v| v.is_object());
-    let rope_theta = rope
-        .and_then(|r| r["rope_theta"].as_f64())
-        .or_else(|| c["rope_theta"].as_f64())
-        .unwrap_or(10000.0);
-    let rope_type = rope
-        .and_then(|r| r["rope_type"].as_str().map(str::to_owned))
-        .or_else(|| c["rope_scaling"].get("rope_type").and_then(|t| t.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| "default".to_string());
-    if rope_type != "default" {
-        bail!("{}: RoPE scaling `{rope_type}` is not supported by kiln (only the default rotary embedding)", path.display());
-    }
-    for flag in ["attention_bias", "mlp_bias"] {
-        if c[flag].as_bool() == Some(true) {
-            bail!("{}: `{flag}` = true is not supported by kiln (Llama layers without biases only)", path.display());
-        }
-    }
-    if let Some(act) = c["hidden_act"].as_str()
-        && act != "silu"
-    {
-        bail!("{}: hidden_act `{act}` is not supported (Llama uses silu)", path.display());
-    }
-    let shape = LlamaShape {
-        vocab_size: int("vocab_size")?,
-        hidden_size,
-        num_layers: int("num_hidden_layers")?,
-        num_heads,
-        num_kv_heads,
-        intermediate_size: int("intermediate_size")?,
-        max_position_embeddings: int("max_position_embeddings")?,
-        rope_theta,
-        rms_norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-        tie_word_embeddings: c["tie_word_embeddings"].as_bool().unwrap_or(false),
-    };
-    if shape.num_heads == 0 || shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 || shape.head_dim() % 2 != 0 {
-        bail!("{}: unsupported head configuration ({} heads, {} key/value heads, hidden {})", path.display(), shape.num_heads, shape.num_kv_heads, shape.hidden_size);
-    }
-    Ok((shape, c["initializer_range"].as_f64().unwrap_or(0.02)))
 }
 
 /// The weight files of a directory: every stored tensor name with the file holding it.
@@ -202,10 +138,55 @@ impl WeightFiles {
     }
 }
 
+/// A directory's weights: safetensors, preferred when present, else PyTorch's
+/// `pytorch_model.bin` (or its shards).
+enum Stored {
+    Safetensors(WeightFiles),
+    Torch(TorchWeights),
+}
+
+impl Stored {
+    fn open(dir: &Path) -> Result<Self> {
+        if dir.join(WEIGHTS_FILE).exists() || dir.join(INDEX_FILE).exists() {
+            return WeightFiles::open(dir).map(Stored::Safetensors);
+        }
+        match TorchWeights::open(dir)? {
+            Some(torch) => Ok(Stored::Torch(torch)),
+            None => bail!(
+                "{} has no weights: neither {WEIGHTS_FILE}, {INDEX_FILE}, {TORCH_WEIGHTS_FILE} nor {TORCH_INDEX_FILE}",
+                dir.display()
+            ),
+        }
+    }
+
+    /// Every stored tensor name.
+    fn names(&self) -> Vec<String> {
+        match self {
+            Stored::Safetensors(w) => w.names.keys().cloned().collect(),
+            Stored::Torch(w) => w.names().keys().cloned().collect(),
+        }
+    }
+
+    /// Tensor `stored` in Hugging Face layout, or (`transposed`) transposed to Burn's.
+    fn read(&self, stored: &str, hf_shape: &[usize], transposed: bool) -> Result<Vec<f32>, String> {
+        use params::ParamSource;
+        match self {
+            Stored::Safetensors(w) => {
+                let mut file = &w.files[w.names[stored]];
+                if transposed { file.transposed_values(stored, hf_shape) } else { file.values(stored, hf_shape) }
+            }
+            Stored::Torch(w) => {
+                let mut source = w;
+                if transposed { source.transposed_values(stored, hf_shape) } else { source.values(stored, hf_shape) }
+            }
+        }
+    }
+}
+
 /// kiln's parameters from a directory's weight files, noting which stored tensors were used
 /// and which parameters the files lack.
 struct DirSource<'a> {
-    weights: &'a WeightFiles,
+    weights: &'a Stored,
     /// kiln name -> stored name.
     available: &'a BTreeMap<String, String>,
     /// With partial loading, parameters the files lack keep these initial values.
@@ -214,67 +195,75 @@ struct DirSource<'a> {
     missing: Vec<String>,
 }
 
-impl<'a> DirSource<'a> {
-    /// The file and stored name of parameter `name`, if the files have it.
-    fn find(&mut self, name: &str) -> Option<(&'a SafetensorsFile, &'a str)> {
-        let stored = self.available.get(name)?;
-        self.used.insert(stored.clone());
-        let file = &self.weights.files[self.weights.names[stored]];
-        Some((file, stored))
-    }
-
-    /// What a parameter the files lack gets (Hugging Face layout), or the error.
-    fn fallback(&mut self, name: &str) -> Result<Vec<f32>, String> {
-        self.missing.push(name.to_string());
-        match &self.initial {
-            Some(init) => Ok(init[name].clone()),
-            None => Err(format!("missing tensor `{name}`")),
+impl DirSource<'_> {
+    /// Parameter `name` from the files, or what a parameter they lack gets (Hugging Face
+    /// layout unless `transposed`), or the error.
+    fn get(&mut self, name: &str, hf_shape: &[usize], transposed: bool) -> Result<Vec<f32>, String> {
+        if let Some(stored) = self.available.get(name) {
+            self.used.insert(stored.clone());
+            return self.weights.read(stored, hf_shape, transposed);
         }
+        self.missing.push(name.to_string());
+        let values = match &self.initial {
+            Some(init) => init[name].clone(),
+            None => return Err(format!("missing tensor `{name}`")),
+        };
+        Ok(match *hf_shape {
+            [rows, cols] if transposed => params::transpose(&values, rows, cols),
+            _ => values,
+        })
     }
 }
 
 impl params::ParamSource for DirSource<'_> {
     fn values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
-        match self.find(name) {
-            Some((mut file, stored)) => file.values(stored, hf_shape),
-            None => self.fallback(name),
-        }
+        self.get(name, hf_shape, false)
     }
 
     fn transposed_values(&mut self, name: &str, hf_shape: &[usize]) -> Result<Vec<f32>, String> {
-        match (self.find(name), hf_shape) {
-            (Some((mut file, stored)), _) => file.transposed_values(stored, hf_shape),
-            (None, &[rows, cols]) => Ok(params::transpose(&self.fallback(name)?, rows, cols)),
-            (None, _) => self.fallback(name),
-        }
+        self.get(name, hf_shape, true)
     }
 }
 
 /// Loads a model directory onto `device`.
 pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretrained> {
-    let (shape, initializer_range) = read_config(dir)?;
-    let weights = WeightFiles::open(dir)?;
+    let arch = ArchConfig::read(dir)?;
+    let weights = Stored::open(dir)?;
     // kiln name -> stored name.
     let mut available: BTreeMap<String, String> = BTreeMap::new();
     let mut renamed = Vec::new();
-    for stored in weights.names.keys() {
-        let mapped = options.map_name(stored);
+    let mut buffers = BTreeSet::new();
+    let stored_names = weights.names();
+    for stored in &stored_names {
+        // Names as the architecture spells them (GPT-2's original checkpoints lack the
+        // `transformer.` prefix and keep causal-mask buffers), then the user's rules.
+        let Some(mapped) = arch.canonical_name(&options.map_name(stored)) else {
+            buffers.insert(stored.clone());
+            continue;
+        };
         if mapped != *stored {
             renamed.push((stored.clone(), mapped.clone()));
         }
-        available.insert(mapped, stored.clone());
+        if let Some(first) = available.insert(mapped.clone(), stored.clone()) {
+            bail!(
+                "{}: the key map sends both `{first}` and `{stored}` to `{mapped}`; make the rules \
+                 tell them apart",
+                dir.display()
+            );
+        }
     }
+    let (available, reindexed_layers) = reindex_layers(available);
     // With partial loading, tensors the files lack keep a fresh model's initial values;
     // without it, loading replaces every parameter or fails.
     let (model, initial) = if options.allow_partial {
-        let model = LlamaForCausalLM::init(&shape, initializer_range, 0.0, 0, device);
+        let model = CausalLm::init(&arch, arch.initializer_range(), 0.0, 0, device);
         let initial: BTreeMap<String, Vec<f32>> = params::named_tensors(&model)
             .into_iter()
             .map(|t| (t.name, t.values))
             .collect();
         (model, Some(initial))
     } else {
-        (LlamaForCausalLM::for_loading(&shape, 0.0, device), None)
+        (CausalLm::for_loading(&arch, 0.0, device), None)
     };
     let mut source = DirSource {
         weights: &weights,
@@ -295,26 +284,20 @@ pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretra
         };
         anyhow!("cannot load {}:\n  {}{hint}", dir.display(), errors.join("\n  "))
     })?;
-    let unexpected: Vec<String> = weights
-        .names
-        .keys()
-        .filter(|n| !used.contains(*n))
+    let unexpected: Vec<String> = stored_names
+        .iter()
+        .filter(|n| !used.contains(*n) && !buffers.contains(*n))
         .cloned()
         .collect();
-    let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.exists() {
-        Some(KilnTokenizer::from_file(&tokenizer_path)?)
-    } else {
-        None
-    };
+    let tokenizer = KilnTokenizer::from_dir(dir)?;
     if let Some(t) = &tokenizer
-        && t.vocab_size() > shape.vocab_size
+        && t.vocab_size() > arch.vocab_size()
     {
         bail!(
             "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
             dir.display(),
             t.vocab_size(),
-            shape.vocab_size
+            arch.vocab_size()
         );
     }
     let training_metadata = std::fs::read_to_string(dir.join("training_metadata.json"))
@@ -322,15 +305,42 @@ pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Pretra
         .and_then(|t| serde_json::from_str(&t).ok());
     Ok(Pretrained {
         dir: dir.to_path_buf(),
-        shape,
-        initializer_range,
+        arch,
         model,
         tokenizer,
         report: LoadReport {
             missing,
             unexpected,
             renamed,
+            reindexed_layers,
         },
         training_metadata,
     })
+}
+
+/// Renumbers layer indices with gaps (`model.layers.0`, `.2`, `.5` of a pruned model) to
+/// `0, 1, 2` in their order, as Burn's recorders do; returns the (stored, used-as) pairs of the
+/// indices that changed. Names are `kiln name -> stored name`.
+fn reindex_layers(available: BTreeMap<String, String>) -> (BTreeMap<String, String>, Vec<(usize, usize)>) {
+    let layer = Regex::new(r"^(model\.layers\.|transformer\.h\.)(\d+)\.").expect("a valid regex");
+    let indices: BTreeSet<usize> = available
+        .keys()
+        .filter_map(|n| layer.captures(n).and_then(|c| c[2].parse().ok()))
+        .collect();
+    let order: BTreeMap<usize, usize> = indices.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let changed: Vec<(usize, usize)> = order.iter().filter(|(old, new)| old != new).map(|(&o, &n)| (o, n)).collect();
+    if changed.is_empty() {
+        return (available, changed);
+    }
+    let renamed = available
+        .into_iter()
+        .map(|(name, stored)| {
+            let name = match layer.captures(&name).and_then(|c| Some((c[1].to_string(), c[2].parse::<usize>().ok()?, c[0].len()))) {
+                Some((prefix, old, end)) => format!("{prefix}{}.{}", order[&old], &name[end..]),
+                None => name,
+            };
+            (name, stored)
+        })
+        .collect();
+    (renamed, changed)
 }

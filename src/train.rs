@@ -28,16 +28,16 @@ use crate::checkpoint::sidecar::{
 };
 use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
-use crate::config::Config;
+use crate::config::{Config, Metric};
 use crate::data::{Batch, DataPosition, Splits, TrainLoader, read_corpus, validation_batches};
 use crate::ema::Ema;
 use crate::metrics::{MetricRecord, MetricsLog};
-use crate::model::{LlamaForCausalLM, LlamaShape};
+use crate::model::{ArchConfig, CausalLm, HfLayout, LanguageModel};
 use crate::pretrained::{self, LoadOptions};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
-use crate::params::{self, is_linear_weight, pending};
+use crate::params::{self, pending};
 use crate::plot::loss_curve_svg;
-use crate::resume::restore_tensors;
+use crate::resume::{check_same_shape, restore_tensors};
 use crate::safetensors_io::{PendingTensor, hex};
 use crate::schedule::WarmupCosine;
 use crate::tokenizer::KilnTokenizer;
@@ -95,11 +95,12 @@ pub struct Learner {
     pub tokenizer: KilnTokenizer,
     /// The tokenizer as saved in every checkpoint sidecar (serialized once).
     tokenizer_json: serde_json::Value,
-    pub shape: LlamaShape,
+    /// The architecture being trained, as its Hugging Face `config.json`.
+    pub arch: ArchConfig,
     /// The autodiff device training runs on.
     pub device: Device,
     /// Absent only for the instant an optimizer step holds it (see [`Learner::model`]).
-    model: Option<LlamaForCausalLM>,
+    model: Option<CausalLm>,
     pub optim: AdamW,
     pub ema: Option<Ema>,
     pub schedule: WarmupCosine,
@@ -192,44 +193,48 @@ impl Learner {
             _ => None,
         };
         let tokenizer = match (&resume, &pretrained) {
-            (Some((ck, _)), _) => KilnTokenizer::from_json(&ck.sidecar.tokenizer.to_string())
-                .context("the checkpoint's tokenizer")?,
+            (Some((ck, _)), _) => {
+                let s = &ck.sidecar;
+                KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone())
+                    .context("the checkpoint's tokenizer")?
+            }
             (None, Some(p)) => p.tokenizer.clone().expect("checked above"),
             (None, None) => KilnTokenizer::train(config.data.tokenizer, &text, config.data.vocab_size)?,
         };
 
-        let (shape, model) = match pretrained {
-            Some(p) => {
-                let shape = p.shape.clone();
-                if config.data.seq_len > shape.max_position_embeddings {
-                    bail!(
-                        "data.seq_len = {} exceeds the pretrained model's max_position_embeddings = {}",
-                        config.data.seq_len,
-                        shape.max_position_embeddings
-                    );
-                }
-                (shape, p.model.with_dropout(config.model.dropout))
+        let (arch, model) = match (pretrained, &resume) {
+            (Some(p), _) => {
+                check_seq_len(&config, &p.arch, "the pretrained model's")?;
+                (p.arch, p.model.with_dropout(config.model.dropout))
             }
-            None => {
-                let shape = LlamaShape::new(&config.model, tokenizer.vocab_size());
-                let model = if resume.is_some() {
-                    // Every weight is about to be replaced by the checkpoint's.
-                    LlamaForCausalLM::for_loading(&shape, config.model.dropout, &device)
-                } else {
-                    LlamaForCausalLM::init(
-                        &shape,
-                        config.model.initializer_range,
-                        config.model.dropout,
-                        t.seed,
-                        &device,
-                    )
-                };
-                (shape, model)
+            (None, Some((ck, _))) => {
+                // A resume continues the checkpoint's architecture. A fine-tune took it from
+                // `init_from` (the `[model]` shape keys are ignored there); a run from scratch
+                // took it from `[model]`, which must still describe it rather than be ignored.
+                let arch = ck.sidecar.model.clone();
+                if config.model.init_from.is_none() {
+                    check_same_shape(&arch, &ArchConfig::new(&config.model, tokenizer.vocab_size()))?;
+                }
+                check_seq_len(&config, &arch, "the checkpoint's")?;
+                // Every weight is about to be replaced by the checkpoint's.
+                let model = CausalLm::for_loading(&arch, config.model.dropout, &device);
+                (arch, model)
+            }
+            (None, None) => {
+                let arch = ArchConfig::new(&config.model, tokenizer.vocab_size());
+                let model = CausalLm::init(
+                    &arch,
+                    config.model.initializer_range,
+                    config.model.dropout,
+                    t.seed,
+                    &device,
+                );
+                (arch, model)
             }
         };
         let (model, restored) = match &mut resume {
             Some((ck, path)) => {
-                let restored = restore_tensors(ck, model, &shape, t.ema_decay.is_some(), &device)
+                let restored = restore_tensors(ck, model, t.ema_decay.is_some(), &device)
                     .with_context(|| format!("cannot resume from {}", path.display()))?;
                 (restored.model, Some((restored.moments, restored.ema)))
             }
@@ -239,7 +244,7 @@ impl Learner {
         std::fs::write(out.join("config.toml"), config.to_toml_string())
             .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
         tokenizer.save(&out.join("tokenizer.json"))?;
-        let tokens = tokenizer.encode(&text)?;
+        let tokens = tokenizer.encode_corpus(&text)?;
         let splits = Splits::new(tokens, config.data.val_fraction, config.data.seq_len)?;
 
         let loader = TrainLoader::new(splits.train, config.data.seq_len, t.batch_size, t.seed)?;
@@ -270,7 +275,7 @@ impl Learner {
             config,
             tokenizer,
             tokenizer_json,
-            shape,
+            arch,
             device,
             model: Some(model),
             optim,
@@ -305,7 +310,7 @@ impl Learner {
     }
 
     /// The model being trained.
-    pub fn model(&self) -> &LlamaForCausalLM {
+    pub fn model(&self) -> &CausalLm {
         self.model
             .as_ref()
             .expect("the model is only taken out during an optimizer step")
@@ -372,31 +377,47 @@ impl Learner {
         total / tokens as f64
     }
 
-    /// The tracked metric (`checkpoint.metric`) for an evaluation with this validation loss.
-    fn tracked_metric(&self, val_loss: f64) -> f64 {
-        match self.config.checkpoint.metric.as_str() {
-            "val_perplexity" => val_loss.exp(),
-            "train_loss" => self.last_train_loss.unwrap_or(f64::NAN),
-            _ => val_loss,
+    /// The tracked metric (`checkpoint.metric`) for an evaluation with this validation loss:
+    /// `None` when it has not been measured yet.
+    fn tracked_metric(&self, val_loss: f64) -> Option<f64> {
+        match self.config.checkpoint.metric {
+            Metric::ValLoss => Some(val_loss),
+            Metric::ValPerplexity => Some(val_loss.exp()),
+            // Before the first log line, the steps taken so far are the window.
+            Metric::TrainLoss => self.last_train_loss.or_else(|| self.window.mean_loss()),
         }
     }
 
-    /// Records an evaluation; returns (improved, early stopping says stop).
+    /// Records an evaluation; returns (improved, early stopping says stop). Only a finite
+    /// measured value can become the best; any other is reported and counts as an evaluation
+    /// without improvement.
     fn record_eval(&mut self, val_loss: f64) -> (bool, bool) {
-        let value = self.tracked_metric(val_loss);
+        let metric = self.config.checkpoint.metric;
+        let value = match self.tracked_metric(val_loss) {
+            Some(v) if v.is_finite() => Some(v),
+            other => {
+                tracing::warn!(
+                    "step {}: {metric} is {}; it is not taken as a best value",
+                    self.step,
+                    other.map_or("not measured yet".to_string(), |v| v.to_string())
+                );
+                None
+            }
+        };
         let mode = self.config.checkpoint.mode;
-        let improved = value.is_finite() && self.best.is_none_or(|b| mode.improves(value, b.value));
-        self.best = Some(match self.best {
-            Some(b) if !improved => BestMetric {
-                evals_without_improvement: b.evals_without_improvement + 1,
-                ..b
-            },
-            _ => BestMetric {
+        let improved = value.is_some_and(|v| self.best.is_none_or(|b| mode.improves(v, b.value)));
+        self.best = match (self.best, value) {
+            (_, Some(value)) if improved => Some(BestMetric {
                 value,
                 step: self.step,
                 evals_without_improvement: 0,
-            },
-        });
+            }),
+            (Some(b), _) => Some(BestMetric {
+                evals_without_improvement: b.evals_without_improvement + 1,
+                ..b
+            }),
+            (None, _) => None,
+        };
         let patience = self.config.training.early_stopping_patience;
         let stop = patience > 0 && self.best.is_some_and(|b| b.evals_without_improvement >= patience);
         (improved, stop)
@@ -525,9 +546,9 @@ impl Learner {
             val_loss: Some(val_loss),
             ..Default::default()
         })?;
-        let best = self.best.map_or(val_loss, |b| b.value);
+        let best = self.best.map_or("n/a".to_string(), |b| format!("{:.4}", b.value));
         let line = format!(
-            "step {:>6} | epoch {} | val_loss {val_loss:.4} | best {} {best:.4}",
+            "step {:>6} | epoch {} | val_loss {val_loss:.4} | best {} {best}",
             self.step,
             self.epoch(),
             self.config.checkpoint.metric,
@@ -586,7 +607,7 @@ impl Learner {
         let max_shard = crate::export::parse_size(&e.max_shard_size)?;
         let ck_dir = self.config.checkpoint_dir();
         if e.on_best && best_is_new {
-            let name = crate::checkpoint::policy::Kind::Best.name(&self.config.checkpoint.metric);
+            let name = crate::checkpoint::policy::Kind::Best.name(self.config.checkpoint.metric);
             let ck = checkpoint::load(&ck_dir.join(format!("{name}.safetensors")))?;
             let dir = self.config.bundle_dir().join(format!("model_{}_epoch{}", e.version, ck.sidecar.epoch));
             self.export_one(&ck, &dir, max_shard)?;
@@ -617,16 +638,17 @@ impl Learner {
     /// Captures the training state for a checkpoint: tensor handles (copied off the device
     /// later, by the writer) and the sidecar fields.
     pub fn snapshot(&self) -> Snapshot {
-        let weights = params::pending_params(self.model());
+        let model = self.model();
+        let weights = params::pending_params(model);
         let mut optim = Vec::new();
         for (name, m) in &self.optim.moments {
-            let transposed = is_linear_weight(name, m.shape.len());
+            let transposed = model.stored_transposed(name, m.shape.len());
             optim.push(pending_flat(format!("exp_avg.{name}"), &m.exp_avg, &m.shape, transposed));
             optim.push(pending_flat(format!("exp_avg_sq.{name}"), &m.exp_avg_sq, &m.shape, transposed));
         }
         if let Some(ema) = &self.ema {
             for (name, e) in &ema.weights {
-                let transposed = is_linear_weight(name, e.shape.len());
+                let transposed = model.stored_transposed(name, e.shape.len());
                 optim.push(pending_flat(format!("ema.{name}"), &e.value, &e.shape, transposed));
             }
         }
@@ -661,7 +683,7 @@ impl Learner {
             ema_decay: self.ema.as_ref().map(|e| e.decay),
             metrics: current,
             best_metric: self.best.map(|b| BestMetricState {
-                name: c.checkpoint.metric.clone(),
+                name: c.checkpoint.metric,
                 mode: c.checkpoint.mode,
                 value: b.value,
                 step: b.step,
@@ -672,9 +694,10 @@ impl Learner {
             },
             metrics_history: self.metrics.history.clone(),
             log_window: self.window.state(),
-            model: self.shape.clone(),
+            model: self.arch.clone(),
             config: c.clone(),
             tokenizer: self.tokenizer_json.clone(),
+            special_tokens: Some(self.tokenizer.special_tokens().clone()),
             data_sha256: self.data_sha256.clone(),
             started_at: self.started_at.clone(),
             train_seconds: self.train_seconds(),
@@ -686,7 +709,7 @@ impl Learner {
         };
         let weights_metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
-            ("architecture".to_string(), "LlamaForCausalLM".to_string()),
+            ("architecture".to_string(), self.arch.architecture().class_name().to_string()),
             ("kiln_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
             ("global_step".to_string(), self.step.to_string()),
         ]);
@@ -721,7 +744,8 @@ impl Learner {
         }
         self.loader.seek(position);
         self.step = s.global_step;
-        self.best = s.best_metric.as_ref().map(|b| BestMetric {
+        // Older kiln could record a NaN best; a best is only ever a finite value.
+        self.best = s.best_metric.as_ref().filter(|b| b.value.is_finite()).map(|b| BestMetric {
             value: b.value,
             step: b.step,
             evals_without_improvement: s.early_stopping.evals_without_improvement,
@@ -744,13 +768,30 @@ fn pending_flat(name: String, flat: &Tensor<1>, shape: &[usize], transposed: boo
     }
 }
 
+/// Refuses a sequence length longer than the positions of a model whose architecture came from
+/// elsewhere than `[model]` (`whose`: "the checkpoint's", ...).
+fn check_seq_len(config: &Config, arch: &ArchConfig, whose: &str) -> Result<()> {
+    let seq_len = config.data.seq_len;
+    if seq_len > arch.max_position_embeddings() {
+        bail!("data.seq_len = {seq_len} exceeds {whose} max_position_embeddings = {}", arch.max_position_embeddings());
+    }
+    if seq_len > arch.max_context() {
+        bail!(
+            "data.seq_len = {seq_len} exceeds {whose} sliding_window = {}; kiln computes contexts \
+             up to the window exactly and does not mask longer ones",
+            arch.max_context()
+        );
+    }
+    Ok(())
+}
+
 fn policy(config: &Config) -> Policy {
     let c = &config.checkpoint;
     Policy {
         save_every_steps: c.save_every_steps,
         save_every_epochs: c.save_every_epochs,
         keep_top_k: c.keep_top_k,
-        metric: c.metric.clone(),
+        metric: c.metric,
         mode: c.mode,
     }
 }
@@ -846,6 +887,11 @@ impl LogWindow {
     /// Time spent outside training (evaluation) does not count against throughput.
     fn exclude(&mut self, d: std::time::Duration) {
         self.excluded += d;
+    }
+
+    /// Mean training loss of the steps in this window, if any.
+    fn mean_loss(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.loss_sum / self.steps as f64)
     }
 
     fn tokens_per_sec(&self) -> f64 {

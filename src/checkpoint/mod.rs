@@ -158,7 +158,7 @@ struct SaveJob {
 impl SaveJob {
     fn run(self) -> Result<SaveReport> {
         let storage = &*self.storage;
-        let first = self.kinds[0].name(&self.policy.metric);
+        let first = self.kinds[0].name(self.policy.metric);
         let first_paths = CheckpointPaths::new(&self.dir, &first);
         let Snapshot {
             weights,
@@ -192,7 +192,7 @@ impl SaveJob {
         let mut names = Vec::new();
         let mut result = Ok(());
         for kind in &self.kinds {
-            let name = kind.name(&self.policy.metric);
+            let name = kind.name(self.policy.metric);
             let paths = CheckpointPaths::new(&self.dir, &name);
             let mut sidecar = sidecar.clone();
             sidecar.kind = label(kind);
@@ -345,13 +345,13 @@ fn delete_surplus_steps(dir: &Path, policy: &Policy, storage: &dyn Storage) -> R
         if let Ok(sidecar) = &entry.sidecar
             && sidecar.kind == KindLabel::Step
         {
-            let metric = sidecar.metrics.get(&policy.metric).copied();
+            let metric = sidecar.metrics.get(policy.metric.name()).copied();
             steps.push((sidecar.global_step, metric));
         }
     }
     let mut deleted = Vec::new();
     for step in policy.step_checkpoints_to_delete(&steps) {
-        let name = Kind::Step { step }.name(&policy.metric);
+        let name = Kind::Step { step }.name(policy.metric);
         let paths = CheckpointPaths::new(dir, &name);
         storage.remove(&paths.sidecar)?;
         storage.sync_dir(dir)?;

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Metric;
+
 /// Whether a larger or a smaller metric is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,7 +42,7 @@ pub enum Kind {
 impl Kind {
     /// The checkpoint's name (its files are `<name>.safetensors`, `<name>.optim.safetensors`,
     /// `<name>.meta.json`).
-    pub fn name(&self, metric: &str) -> String {
+    pub fn name(&self, metric: Metric) -> String {
         match self {
             Kind::Latest => "checkpoint_latest".to_string(),
             Kind::Best => format!("checkpoint_best_{metric}"),
@@ -67,7 +69,7 @@ pub struct Policy {
     /// 0 disables epoch checkpoints.
     pub save_every_epochs: usize,
     pub keep_top_k: usize,
-    pub metric: String,
+    pub metric: Metric,
     pub mode: Mode,
 }
 
@@ -144,7 +146,7 @@ mod tests {
             save_every_steps: 100,
             save_every_epochs: 2,
             keep_top_k: 2,
-            metric: "val_loss".into(),
+            metric: Metric::ValLoss,
             mode: Mode::Min,
         }
     }
@@ -185,9 +187,10 @@ mod tests {
 
     #[test]
     fn names_follow_the_spec() {
-        assert_eq!(Kind::Latest.name("val_loss"), "checkpoint_latest");
-        assert_eq!(Kind::Best.name("val_loss"), "checkpoint_best_val_loss");
-        assert_eq!(Kind::Epoch { epoch: 5 }.name("x"), "checkpoint_epoch_5");
-        assert_eq!(Kind::Step { step: 1000 }.name("x"), "checkpoint_step_1000");
+        assert_eq!(Kind::Latest.name(Metric::ValLoss), "checkpoint_latest");
+        assert_eq!(Kind::Best.name(Metric::ValLoss), "checkpoint_best_val_loss");
+        assert_eq!(Kind::Best.name(Metric::TrainLoss), "checkpoint_best_train_loss");
+        assert_eq!(Kind::Epoch { epoch: 5 }.name(Metric::ValLoss), "checkpoint_epoch_5");
+        assert_eq!(Kind::Step { step: 1000 }.name(Metric::ValLoss), "checkpoint_step_1000");
     }
 }

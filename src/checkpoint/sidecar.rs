@@ -10,15 +10,19 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::data::DataPosition;
 use crate::metrics::MetricRecord;
-use crate::model::LlamaShape;
+use crate::model::{ArchConfig, Architecture, LlamaShape};
 use crate::optim::AdamWConfig;
 use crate::safetensors_io::{FileDigest, digest_file};
 use crate::schedule::WarmupCosine;
 
 use super::policy::Mode;
 
-/// Bumped when the sidecar or tensor-file layout changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped when the sidecar or tensor-file layout changes. 2: `model` is the architecture's
+/// Hugging Face `config.json` (tagged by `model_type`) instead of kiln's Llama shape.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The versions this kiln reads: version 1 sidecars (Llama only) still load.
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 /// The Burn version kiln is built against (checked against Cargo.lock by a test).
 pub const BURN_VERSION: &str = "0.22.1";
@@ -82,7 +86,7 @@ pub struct OptimizerState {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestMetricState {
-    pub name: String,
+    pub name: crate::config::Metric,
     pub mode: Mode,
     pub value: f64,
     pub step: usize,
@@ -122,10 +126,16 @@ pub struct Sidecar {
     pub early_stopping: EarlyStoppingState,
     pub metrics_history: Vec<MetricRecord>,
     pub log_window: LogWindowState,
-    pub model: LlamaShape,
+    /// The architecture as Hugging Face's `config.json` has it.
+    #[serde(deserialize_with = "arch_config_any_version")]
+    pub model: ArchConfig,
     pub config: Config,
     /// The run's `tokenizer.json`, so a resume tokenizes exactly as before.
     pub tokenizer: serde_json::Value,
+    /// Its special tokens (a fine-tune's come from the pretrained directory); absent in
+    /// checkpoints of kiln before 0.2, whose tokenizers were always kiln's own.
+    #[serde(default)]
+    pub special_tokens: Option<crate::tokenizer::SpecialTokens>,
     /// SHA-256 of the training corpus.
     pub data_sha256: String,
     /// When the run started (RFC 3339), and seconds spent training so far over all sessions.
@@ -136,6 +146,18 @@ pub struct Sidecar {
     pub burn_version: String,
     pub backend: String,
     pub files: Vec<FileEntry>,
+}
+
+/// `model` as either version writes it: an architecture config tagged by `model_type`, or
+/// (version 1) kiln's Llama shape.
+fn arch_config_any_version<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ArchConfig, D::Error> {
+    use serde::de::Error;
+    let value = serde_json::Value::deserialize(d)?;
+    if value.get("model_type").is_some() {
+        return serde_json::from_value(value).map_err(D::Error::custom);
+    }
+    let shape: LlamaShape = serde_json::from_value(value).map_err(D::Error::custom)?;
+    Ok(ArchConfig::of_shape(Architecture::Llama, &shape, 0.02))
 }
 
 /// The three paths of checkpoint `name` in `dir`.
@@ -186,7 +208,7 @@ pub enum CheckpointError {
     Missing(PathBuf),
     #[error("{path}: unreadable sidecar: {reason}")]
     Sidecar { path: PathBuf, reason: String },
-    #[error("{path}: sidecar format_version {found} is not supported (this kiln reads {FORMAT_VERSION})")]
+    #[error("{path}: sidecar format_version {found} is not supported (this kiln reads 1 and {FORMAT_VERSION})")]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: {problem}")]
     File { path: PathBuf, problem: String },
@@ -211,16 +233,27 @@ impl Sidecar {
             .ok()
             .and_then(|v| v.get("format_version").and_then(|v| v.as_u64()));
         if let Some(found) = version
-            && found != u64::from(FORMAT_VERSION)
+            && !READABLE_VERSIONS.iter().any(|v| u64::from(*v) == found)
         {
             return Err(CheckpointError::Version {
                 path: path.to_path_buf(),
                 found: found as u32,
             });
         }
-        let sidecar: Self = serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
+        let mut sidecar: Self = serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
             path: path.to_path_buf(),
             reason: e.to_string(),
+        })?;
+        if sidecar.format_version == 1
+            && let Some(shape) = sidecar.model.llama_shape()
+        {
+            // Version 1 kept no initializer_range beside the shape; the run's config has it.
+            let range = sidecar.config.model.initializer_range;
+            sidecar.model = ArchConfig::of_shape(Architecture::Llama, &shape, range);
+        }
+        sidecar.model.check(&format!("{} `model`", path.display())).map_err(|e| CheckpointError::Sidecar {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
         })?;
         sidecar.check_roles().map_err(|reason| CheckpointError::Sidecar {
             path: path.to_path_buf(),

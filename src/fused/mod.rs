@@ -13,7 +13,7 @@
 //! backward.
 //!
 //! Only those two backends use them ([`available`]); wgpu and cuda run the composed tensor ops
-//! in model.rs, which are also the reference the tests hold these kernels to.
+//! in `model::ops`, which are also the reference the tests hold these kernels to.
 
 // Burn deprecates its NdArray backend in favour of Flex; kiln still offers both, and the
 // extension and its availability check name it.

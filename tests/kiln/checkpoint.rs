@@ -484,3 +484,24 @@ fn a_background_save_failure_is_reported_by_the_next_poll() {
     // Reported once; the manager is usable again.
     m.poll().unwrap();
 }
+
+#[test]
+fn train_loss_tracked_before_the_first_log_line_gives_a_finite_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config(dir.path());
+    config.checkpoint.metric = kiln::config::Metric::TrainLoss;
+    config.training.eval_every_steps = 2;
+    config.training.log_every_steps = 5;
+    config.training.max_steps = 12;
+    let mut learner = Learner::new(config.clone()).unwrap();
+    let summary = learner.fit().unwrap();
+    let best = summary.best.expect("a best value");
+    assert!(best.value.is_finite() && best.value > 0.0, "{best:?}");
+    let ck = checkpoint::load(&config.checkpoint_dir().join("checkpoint_best_train_loss.safetensors")).unwrap();
+    let recorded = ck.sidecar.best_metric.unwrap();
+    assert_eq!(recorded.name, kiln::config::Metric::TrainLoss);
+    assert!(recorded.value.is_finite());
+    // The first evaluation (step 2) came before any log line: its best is the mean of the
+    // two steps' losses, not NaN.
+    assert!(learner.exported.iter().any(|b| b.file_name().unwrap().to_string_lossy().contains("epoch")));
+}

@@ -62,6 +62,11 @@ fn impossible_values_are_named() {
         ("[training]\nlearning_rate = -1.0\n", "training.learning_rate"),
         ("[training]\nmin_lr = 1.0\n", "training.min_lr"),
         ("[data]\ntokenizer = \"bpe\"\nvocab_size = 100\n", "data.vocab_size"),
+        ("[model]\narchitecture = \"gpt2\"\nnum_heads = 4\nnum_kv_heads = 2\n", "model.num_kv_heads"),
+        ("[model]\narchitecture = \"mistral\"\nsliding_window = 32\n[data]\nseq_len = 64\n", "data.seq_len"),
+        ("[model]\nsliding_window = 32\n", "model.sliding_window"),
+        ("[model]\narchitecture = \"bert\"\n", "model.architecture"),
+        ("[checkpoint]\nmetric = \"accuracy\"\n", "checkpoint.metric"),
     ];
     for (text, key) in cases {
         let msg = error_text(text, &[]);

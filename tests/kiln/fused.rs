@@ -8,7 +8,7 @@ use kiln::fused::linear_cross_entropy::{self as lce, Layout};
 use kiln::fused::{self, attention, kernels, linear};
 use burn::module::Param;
 use burn::tensor::Gradients;
-use kiln::model::{LlamaForCausalLM, LlamaShape};
+use kiln::model::{LanguageModel, LlamaForCausalLM, LlamaShape};
 use kiln::params::NamedVisitor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -488,6 +488,10 @@ fn small_shape() -> LlamaShape {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
     }
 }
 

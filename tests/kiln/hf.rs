@@ -7,7 +7,7 @@ use std::process::Command;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln::config::{Config, TokenizerKind};
 use kiln::generate::{SamplingOptions, generate_ids};
-use kiln::model::LlamaForCausalLM;
+use kiln::model::{CausalLm, LanguageModel};
 use kiln::pretrained::{self, LoadOptions};
 use kiln::train::Learner;
 use serde_json::Value;
@@ -28,7 +28,7 @@ fn python(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn logits(model: &LlamaForCausalLM, ids: &[u32]) -> Vec<f32> {
+fn logits(model: &impl LanguageModel, ids: &[u32]) -> Vec<f32> {
     let device = Device::flex();
     let input: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let t = Tensor::<2, Int>::from_data(TensorData::new(input, [1, ids.len()]), &device);
@@ -132,7 +132,7 @@ fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
         assert_eq!(v["bytes"], index["metadata"]["total_size"]);
         assert_eq!(v["files"].as_array().unwrap().len(), files.len());
         assert_eq!(v["tensors"].as_array().unwrap().len(), index["weight_map"].as_object().unwrap().len());
-        assert_eq!(v["architecture"]["num_kv_heads"], 1);
+        assert_eq!(v["architecture"]["num_key_value_heads"], 1);
     }
     let output = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("inspect").arg(&bundle).output().unwrap();
     let table = String::from_utf8_lossy(&output.stdout);
@@ -161,6 +161,8 @@ fn transformers_models_load_in_kiln_with_the_same_logits_and_greedy_text() {
         HfCase { name: "untied f32 single file", args: &["--dtype", "float32"] },
         HfCase { name: "tied bf16 sharded gqa", args: &["--tied", "--kv-heads", "2", "--dtype", "bfloat16", "--shard-size", "30KB", "--rope-theta", "500000"] },
         HfCase { name: "untied f16 sharded mqa", args: &["--kv-heads", "1", "--dtype", "float16", "--shard-size", "40KB"] },
+        HfCase { name: "pytorch_model.bin only", args: &["--torch-bin", "only"] },
+        HfCase { name: "safetensors preferred to a zeroed pytorch_model.bin", args: &["--torch-bin", "beside-zeroed", "--dtype", "bfloat16"] },
     ];
     let prompt = "To be, or not to be";
     for case in cases {
@@ -187,7 +189,7 @@ fn transformers_models_load_in_kiln_with_the_same_logits_and_greedy_text() {
         assert!(diff <= 1e-4, "{}: logits differ by {diff}", case.name);
 
         let greedy: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(model_dir.join("reference_greedy.json")).unwrap()).unwrap();
-        let options = SamplingOptions { max_new_tokens: greedy.len(), temperature: 0.0, top_k: None, seed: 0, eos_token_id: None };
+        let options = SamplingOptions { max_new_tokens: greedy.len(), temperature: 0.0, top_k: None, seed: 0, eos_token_ids: Vec::new() };
         let ours = generate_ids(&p.model, &ids, &options, &Device::flex()).unwrap();
         assert_eq!(ours, greedy, "{}: greedy continuation", case.name);
 
@@ -255,8 +257,8 @@ fn other_names_load_through_key_maps_and_partial_loading_is_explicit() {
     assert_eq!(loaded.report.unexpected, ["extra.head"]);
     // The missing ones keep exactly a fresh model's values (in Burn's layout, the head
     // transposed like every Linear weight); the rest are the stored ones.
-    let fresh = LlamaForCausalLM::init(&loaded.shape, loaded.initializer_range, 0.0, 0, &Device::flex());
-    let by_name = |model: &LlamaForCausalLM| -> std::collections::BTreeMap<String, Vec<f32>> {
+    let fresh = CausalLm::init(&loaded.arch, loaded.arch.initializer_range(), 0.0, 0, &Device::flex());
+    let by_name = |model: &CausalLm| -> std::collections::BTreeMap<String, Vec<f32>> {
         kiln::params::named_tensors(model).into_iter().map(|t| (t.name, t.values)).collect()
     };
     let (loaded_values, fresh_values, stored_values) = (by_name(&loaded.model), by_name(&fresh), by_name(&reference.model));
@@ -276,7 +278,7 @@ fn other_names_load_through_key_maps_and_partial_loading_is_explicit() {
     std::fs::write(&config.data.path, text).unwrap();
     let learner = Learner::new(config).unwrap();
     assert!(kiln::params::named_tensors(learner.model()) == kiln::params::named_tensors(&reference.model));
-    assert_eq!(learner.shape, reference.shape);
+    assert_eq!(learner.arch, reference.arch);
 }
 
 #[test]
@@ -318,4 +320,317 @@ fn bundles_carry_metadata_and_a_model_card() {
     assert!((v["perplexity"].as_f64().unwrap() - ce.exp()).abs() < 1e-9);
     assert!(ce > 1.0 && ce < 4.5, "{ce}");
     assert_eq!(v["window"], config.data.seq_len);
+}
+
+/// Spaces, newlines, tabs, digits, punctuation, accents and CJK, some of it unseen in training.
+const MIXED_TEXT: &str = "Hello world, 2024!\nCafé — naïve 東京 テスト\n  two  spaces\tand tab\nIt's fine, isn't it?\n";
+
+#[test]
+fn pretrained_tokenizers_encode_and_decode_as_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, MIXED_TEXT).unwrap();
+    let out = dir.path().join("tok");
+    python(&["make-tokenizers", out.to_str().unwrap(), "--text", text.to_str().unwrap()]);
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(out.join("expected.json")).unwrap()).unwrap();
+    for family in ["llama2", "llama3", "gpt2", "t5"] {
+        let tokenizer = kiln::tokenizer::KilnTokenizer::from_dir(&out.join(family)).unwrap().unwrap();
+        assert_eq!(tokenizer.kind(), None, "{family} is not one of kiln's own tokenizers");
+        let ids = tokenizer.encode(MIXED_TEXT).unwrap();
+        let want: Vec<u32> = serde_json::from_value(expected[family]["ids"].clone()).unwrap();
+        assert_eq!(ids, want, "{family}: ids differ from transformers' tokenizer(text)");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), expected[family]["decoded"].as_str().unwrap(), "{family}: decode");
+        // A corpus is the same tokens without the post-processor's, however it is cut up.
+        let corpus = MIXED_TEXT.repeat(3000);
+        let plain = tokenizer.encode_corpus(&corpus).unwrap();
+        let added = match family {
+            "llama2" | "llama3" => 1,
+            "t5" => 1,
+            _ => 0,
+        };
+        let one: Vec<u32> = if family == "t5" { want[..want.len() - added].to_vec() } else { want[added..].to_vec() };
+        assert!(plain.len() >= one.len() * 3000 / 2, "{family}: {} tokens for the corpus", plain.len());
+        if family == "gpt2" || family == "llama3" {
+            // Byte-level pieces concatenate exactly.
+            assert_eq!(plain, one.repeat(3000), "{family}: corpus tokens");
+        }
+    }
+    // The special tokens a directory declares come with it.
+    let llama3 = kiln::tokenizer::KilnTokenizer::from_dir(&out.join("llama3")).unwrap().unwrap();
+    let special = llama3.special_tokens();
+    assert_eq!((special.bos_token_id, special.eos_token_ids.as_slice()), (Some(0), &[1][..]));
+    assert!(special.tokenizer_config.as_ref().unwrap()["chat_template"].is_string());
+}
+
+/// `tiny_config` in `dir`, its corpus reduced to the printable ASCII that the character
+/// tokenizer of hf_compat.py covers.
+fn ascii_config(dir: &Path) -> Config {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = tiny_config(dir);
+    let text: String = std::fs::read_to_string(&config.data.path).unwrap().chars().filter(|c| *c == '\n' || (' '..='~').contains(c)).collect();
+    std::fs::write(&config.data.path, text).unwrap();
+    config
+}
+
+/// The final weights of a run, by name.
+fn final_weights(learner: &Learner) -> Vec<kiln::params::NamedTensor> {
+    kiln::params::named_tensors(learner.model())
+}
+
+#[test]
+fn every_architecture_loads_evaluates_fine_tunes_exports_and_resumes() {
+    let prompt = "To be, or not to be";
+    let ids: Vec<u32> = prompt.bytes().map(|b| (b - 32) as u32).collect();
+    for (arch, args) in [
+        ("llama", &["--kv-heads", "2"][..]),
+        ("qwen2", &["--kv-heads", "2", "--tied"][..]),
+        ("mistral", &["--kv-heads", "2", "--sliding-window", "64"][..]),
+        ("gpt2", &["--tied"][..]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let hf = dir.path().join("hf");
+        std::fs::write(dir.path().join("ids.json"), serde_json::to_string(&ids).unwrap()).unwrap();
+        let mut make = vec!["make-model", hf.to_str().unwrap(), "--arch", arch, "--ids", dir.path().join("ids.json").to_str().unwrap().to_owned().leak()];
+        make.extend_from_slice(args);
+        python(&make);
+
+        // Loaded as transformers wrote it: the same logits and greedy text.
+        let p = pretrained::load(&hf, &Device::flex(), &LoadOptions::default()).unwrap();
+        assert!(p.report.missing.is_empty() && p.report.unexpected.is_empty(), "{arch}: {:?}", p.report);
+        assert_eq!(p.arch.architecture().model_type(), arch);
+        let reference: Vec<f32> = std::fs::read(hf.join("reference_logits.f32")).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let ours = logits(&p.model, &ids);
+        let diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-4, "{arch}: logits differ by {diff}");
+        let greedy: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(hf.join("reference_greedy.json")).unwrap()).unwrap();
+        let options = SamplingOptions { max_new_tokens: greedy.len(), temperature: 0.0, top_k: None, seed: 0, eos_token_ids: Vec::new() };
+        assert_eq!(generate_ids(&p.model, &ids, &options, &Device::flex()).unwrap(), greedy, "{arch}: greedy continuation");
+
+        // `kiln eval` scores a text as transformers does over the same windows.
+        let text_path = dir.path().join("eval.txt");
+        std::fs::write(&text_path, SAMPLE).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["eval", "--json", "--seq-len", "16", "--model"]).arg(&hf).arg("--text-file").arg(&text_path).output().unwrap();
+        assert!(output.status.success(), "{arch}: {}", String::from_utf8_lossy(&output.stderr));
+        let ours: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let text_ids = p.tokenizer.as_ref().unwrap().encode(SAMPLE).unwrap();
+        std::fs::write(dir.path().join("text_ids.json"), serde_json::to_string(&text_ids).unwrap()).unwrap();
+        let theirs: Value = serde_json::from_str(python(&["eval-loss", hf.to_str().unwrap(), "--ids", dir.path().join("text_ids.json").to_str().unwrap(), "--window", "16"]).trim()).unwrap();
+        let (a, b) = (ours["cross_entropy"].as_f64().unwrap(), theirs["cross_entropy"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{arch}: kiln eval {a}, transformers {b}");
+        assert_eq!(ours["tokens"], theirs["tokens"]);
+
+        // Fine-tuned from it; the bundle loads in transformers as the same architecture.
+        let mut config = ascii_config(&dir.path().join("tune"));
+        config.model.init_from = Some(hf.clone());
+        config.data.seq_len = 16;
+        config.training.max_steps = 12;
+        let mut learner = Learner::new(config.clone()).unwrap();
+        learner.fit().unwrap();
+        let bundle = config.bundle_dir().join("model_v1.0_final");
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap()).unwrap();
+        assert_eq!(json["model_type"], arch);
+        check_bundle_as(&bundle, dir.path(), SAMPLE, arch);
+        let tuned = final_weights(&learner);
+        drop(learner);
+
+        // Interrupted and resumed, the fine-tune ends bit for bit where it would have.
+        let mut config = config;
+        config.output_dir = dir.path().join("tune2/out");
+        let mut first = Learner::new(config.clone()).unwrap();
+        first.stop_after_step = Some(5);
+        first.fit().unwrap();
+        drop(first);
+        let mut resumed = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
+        resumed.fit().unwrap();
+        assert!(final_weights(&resumed) == tuned, "{arch}: resumed fine-tune differs");
+        drop(resumed);
+
+        // Trained from scratch with `model.architecture`, resumed bit for bit too.
+        let mut config = ascii_config(&dir.path().join("scratch"));
+        config.model.architecture = serde_json::from_value(Value::from(arch)).unwrap();
+        if arch == "gpt2" {
+            config.model.num_kv_heads = config.model.num_heads;
+            config.model.tie_word_embeddings = true;
+        }
+        config.training.max_steps = 10;
+        let mut full = Learner::new(config.clone()).unwrap();
+        let summary = full.fit().unwrap();
+        let first_loss = full.metrics.history.iter().find_map(|r| r.train_loss).unwrap();
+        assert!(summary.final_train_loss.unwrap() < first_loss, "{arch}: loss did not fall");
+        let expected = final_weights(&full);
+        drop(full);
+        config.output_dir = dir.path().join("scratch2/out");
+        let mut first = Learner::new(config.clone()).unwrap();
+        first.stop_after_step = Some(4);
+        first.fit().unwrap();
+        drop(first);
+        let mut resumed = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
+        resumed.fit().unwrap();
+        assert!(final_weights(&resumed) == expected, "{arch}: resumed run from scratch differs");
+        let bundle = config.bundle_dir().join("model_v1.0_final");
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap()).unwrap();
+        assert_eq!((json["model_type"].as_str(), json["architectures"][0].as_str()), (Some(arch), Some(p.arch.architecture().class_name())));
+    }
+}
+
+/// `check_in_transformers` for a bundle of architecture `arch`, whose tokenizer may add special
+/// tokens (so no round trip of the text is asked for).
+fn check_bundle_as(bundle: &Path, work: &Path, sample: &str, arch: &str) -> Value {
+    let p = pretrained::load(bundle, &Device::flex(), &LoadOptions::default()).unwrap();
+    assert!(p.report.unexpected.is_empty() && p.report.missing.is_empty(), "{:?}", p.report);
+    let tokenizer = p.tokenizer.as_ref().unwrap();
+    let ids = tokenizer.encode(sample).unwrap();
+    let ids = &ids[..ids.len().min(40)];
+    std::fs::write(work.join("ids.json"), serde_json::to_string(ids).unwrap()).unwrap();
+    write_f32(&work.join("logits.f32"), &logits(&p.model, ids));
+    std::fs::write(work.join("text.txt"), sample).unwrap();
+    std::fs::write(work.join("text_ids.json"), serde_json::to_string(&tokenizer.encode(sample).unwrap()).unwrap()).unwrap();
+    let s = |p: PathBuf| p.display().to_string();
+    let mut args = vec![
+        "check-bundle".to_string(), s(bundle.to_path_buf()), "--arch".into(), arch.into(),
+        "--ids".into(), s(work.join("ids.json")), "--logits".into(), s(work.join("logits.f32")),
+        "--text".into(), s(work.join("text.txt")), "--text-ids".into(), s(work.join("text_ids.json")),
+    ];
+    // transformers 5 swaps a qwen2 directory's tokenizer for its Qwen2Tokenizer pipeline
+    // (README: what loads), which a character vocabulary is not.
+    if arch == "qwen2" {
+        args.push("--tokenizer-as-is".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = python(&args);
+    serde_json::from_str(out.trim().lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn a_fine_tune_killed_after_a_checkpoint_resumes_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::write(dir.path().join("ids.json"), "[1, 2, 3]").unwrap();
+    python(&["make-model", hf.to_str().unwrap(), "--ids", dir.path().join("ids.json").to_str().unwrap(), "--new-tokens", "1", "--rope-theta", "500000", "--max-positions", "48"]);
+    let config_file = |out: &Path| {
+        let config = ascii_config(out);
+        let text = format!(
+            "output_dir = {:?}\n[model]\ninit_from = {hf:?}\n[data]\npath = {:?}\nseq_len = 16\n\
+             [training]\nbatch_size = 4\nmax_steps = 40\nwarmup_steps = 2\neval_every_steps = 10\neval_batches = 1\n\
+             [checkpoint]\nsave_every_steps = 2\nasync_save = false\n",
+            out.join("out"), config.data.path,
+        );
+        let path = out.join("tune.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let kiln = || Command::new(env!("CARGO_BIN_EXE_kiln"));
+    let whole = dir.path().join("whole");
+    let output = kiln().args(["train", "--config"]).arg(config_file(&whole)).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let cut = dir.path().join("cut");
+    let config = config_file(&cut);
+    let mut child = kiln().args(["train", "--config"]).arg(&config).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let ck_dir = cut.join("out/checkpoints");
+    let started = std::time::Instant::now();
+    while !ck_dir.join("checkpoint_step_6.meta.json").exists() && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let latest = ck_dir.join("checkpoint_latest.safetensors");
+    let step = kiln::checkpoint::load(&latest).unwrap().sidecar.global_step;
+    assert!((6..40).contains(&step), "killed at step {step}");
+    let output = kiln().args(["train", "--config"]).arg(&config).arg("--resume").arg(&latest).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let weights = |run: &Path| {
+        let file = kiln::safetensors_io::SafetensorsFile::open(&run.join("out/checkpoints/checkpoint_latest.safetensors")).unwrap();
+        file.tensors().into_iter().map(|(name, ..)| { let bytes = file.read_raw(&name).unwrap().1; (name, bytes) }).collect::<Vec<_>>()
+    };
+    let (a, b) = (weights(&whole), weights(&cut));
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the resumed fine-tune's weights differ from the uninterrupted one's");
+}
+
+#[test]
+fn a_fine_tune_keeps_its_base_models_special_tokens_and_stops_at_the_same_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, MIXED_TEXT).unwrap();
+    let tokenizers = dir.path().join("tok");
+    python(&["make-tokenizers", tokenizers.to_str().unwrap(), "--text", text.to_str().unwrap()]);
+    let hf = dir.path().join("hf");
+    std::fs::write(dir.path().join("ids.json"), "[0, 40, 41]").unwrap();
+    python(&[
+        "make-model", hf.to_str().unwrap(), "--ids", dir.path().join("ids.json").to_str().unwrap(), "--vocab", "500",
+        "--tokenizer-from", tokenizers.join("llama3").to_str().unwrap(), "--special-ids", "0,1", "--new-tokens", "1",
+    ]);
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let mut config = tiny_config(&dir.path().join("run"));
+    config.model.init_from = Some(hf.clone());
+    config.data.seq_len = 16;
+    config.training.max_steps = 6;
+    let mut learner = Learner::new(config.clone()).unwrap();
+    learner.fit().unwrap();
+    drop(learner);
+    let bundle = config.bundle_dir().join("model_v1.0_final");
+    let read = |name: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(bundle.join(name)).unwrap()).unwrap() };
+    for name in ["config.json", "generation_config.json"] {
+        assert_eq!((read(name)["bos_token_id"].as_u64(), read(name)["eos_token_id"].as_u64()), (Some(0), Some(1)), "{name}");
+    }
+    let tokenizer_config = read("tokenizer_config.json");
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(hf.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tokenizer_config, base, "tokenizer_config.json carries over as the base model had it");
+    assert_eq!(tokenizer_config["eos_token"], "<|end_of_text|>");
+    assert!(tokenizer_config["chat_template"].as_str().unwrap().contains("<|begin_of_text|>"));
+
+    // Stop at a token the model is sure to produce: the fifth of its unstopped continuation.
+    let prompt = "Hello world";
+    let generate = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", "--model"]).arg(&bundle)
+            .args(["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "20"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim_end_matches('\n').to_string()
+    };
+    let p = pretrained::load(&bundle, &Device::flex(), &LoadOptions::default()).unwrap();
+    let tokenizer = p.tokenizer.as_ref().unwrap();
+    let ids = tokenizer.encode(prompt).unwrap();
+    assert_eq!(ids[0], 0, "the prompt starts with <|begin_of_text|>");
+    let options = SamplingOptions { max_new_tokens: 20, temperature: 0.0, top_k: None, seed: 0, eos_token_ids: Vec::new() };
+    let free = generate_ids(&p.model, &ids, &options, &Device::flex()).unwrap();
+    let k = (4..free.len()).find(|&i| !free[..i].contains(&free[i])).expect("a token not produced before");
+    let mut generation = read("generation_config.json");
+    generation["eos_token_id"] = serde_json::json!([free[k], 1]);
+    std::fs::write(bundle.join("generation_config.json"), generation.to_string()).unwrap();
+
+    let ours = generate(&[]);
+    let theirs: Value = serde_json::from_str(python(&["generate", bundle.to_str().unwrap(), "--prompt", prompt, "--new-tokens", "20"]).trim()).unwrap();
+    assert_eq!(theirs["prompt_ids"], serde_json::json!(ids));
+    assert_eq!(theirs["ids"], serde_json::json!(free[..=k]), "transformers stopped at the EOS");
+    assert_eq!(ours, theirs["text"].as_str().unwrap(), "kiln stops where transformers does");
+    assert_eq!(ours, tokenizer.decode(&free[..=k]).unwrap());
+}
+
+#[test]
+fn key_maps_never_merge_two_tensors_and_layer_gaps_load_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::write(dir.path().join("ids.json"), "[1, 2, 3]").unwrap();
+    python(&["make-model", hf.to_str().unwrap(), "--ids", dir.path().join("ids.json").to_str().unwrap(), "--new-tokens", "1", "--layers", "3"]);
+    let reference = pretrained::load(&hf, &Device::flex(), &LoadOptions::default()).unwrap();
+
+    // A rule that sends q_proj and k_proj to one name is refused, naming both.
+    let options = LoadOptions::with_rules(&[r"\.(q|k)_proj\.=.qk_proj.".to_string()]).unwrap();
+    let msg = format!("{:#}", pretrained::load(&hf, &Device::flex(), &options).err().unwrap());
+    assert!(msg.contains("q_proj") && msg.contains("k_proj") && msg.contains("qk_proj"), "{msg}");
+
+    // A pruned model whose layers are numbered 0, 2, 7 with a config of three layers.
+    let pruned = dir.path().join("pruned");
+    renamed_copy(&hf, &pruned, |n| Some(n.replace("layers.2.", "layers.7.").replace("layers.1.", "layers.2.")));
+    let names: Vec<String> = kiln::safetensors_io::SafetensorsFile::open(&pruned.join("model.safetensors")).unwrap().tensors().into_iter().map(|t| t.0).collect();
+    assert!(names.iter().any(|n| n.contains("layers.7.")) && !names.iter().any(|n| n.contains("layers.1.")), "{names:?}");
+    let loaded = pretrained::load(&pruned, &Device::flex(), &LoadOptions::default()).unwrap();
+    assert!(kiln::params::named_tensors(&loaded.model) == kiln::params::named_tensors(&reference.model));
+    assert_eq!(loaded.report.reindexed_layers, [(2, 1), (7, 2)]);
 }

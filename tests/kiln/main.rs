@@ -18,3 +18,4 @@ mod hostile;
 mod hf;
 mod writer;
 mod reader;
+mod pytorch;

@@ -1,5 +1,5 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln::model::{KvCache, LlamaForCausalLM, LlamaShape, RotaryTables};
+use kiln::model::{KvCache, LanguageModel, LlamaForCausalLM, LlamaShape, RotaryTables};
 use kiln::params;
 
 fn shape(num_kv_heads: usize, tied: bool) -> LlamaShape {
@@ -14,6 +14,10 @@ fn shape(num_kv_heads: usize, tied: bool) -> LlamaShape {
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: tied,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        sliding_window: None,
     }
 }
 
