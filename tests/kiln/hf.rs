@@ -434,16 +434,7 @@ fn every_architecture_loads_evaluates_fine_tunes_exports_and_resumes() {
         drop(learner);
 
         // Interrupted and resumed, the fine-tune ends bit for bit where it would have.
-        let mut config = config;
-        config.output_dir = dir.path().join("tune2/out");
-        let mut first = Learner::new(config.clone()).unwrap();
-        first.stop_after_step = Some(5);
-        first.fit().unwrap();
-        drop(first);
-        let mut resumed = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
-        resumed.fit().unwrap();
-        assert!(final_weights(&resumed) == tuned, "{arch}: resumed fine-tune differs");
-        drop(resumed);
+        assert!(interrupted_and_resumed(config, &dir.path().join("tune2/out"), 5) == tuned, "{arch}: resumed fine-tune differs");
 
         // Trained from scratch with `model.architecture`, resumed bit for bit too.
         let mut config = ascii_config(&dir.path().join("scratch"));
@@ -459,18 +450,25 @@ fn every_architecture_loads_evaluates_fine_tunes_exports_and_resumes() {
         assert!(summary.final_train_loss.unwrap() < first_loss, "{arch}: loss did not fall");
         let expected = final_weights(&full);
         drop(full);
-        config.output_dir = dir.path().join("scratch2/out");
-        let mut first = Learner::new(config.clone()).unwrap();
-        first.stop_after_step = Some(4);
-        first.fit().unwrap();
-        drop(first);
-        let mut resumed = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
-        resumed.fit().unwrap();
-        assert!(final_weights(&resumed) == expected, "{arch}: resumed run from scratch differs");
-        let bundle = config.bundle_dir().join("model_v1.0_final");
+        let out = dir.path().join("scratch2/out");
+        assert!(interrupted_and_resumed(config, &out, 4) == expected, "{arch}: resumed run from scratch differs");
+        let bundle = out.join("models/inference/model_v1.0_final");
         let json: Value = serde_json::from_str(&std::fs::read_to_string(bundle.join("config.json")).unwrap()).unwrap();
         assert_eq!((json["model_type"].as_str(), json["architectures"][0].as_str()), (Some(arch), Some(p.arch.architecture().class_name())));
     }
+}
+
+/// The final weights of `config` run in `out`, stopped after `stop` steps and resumed from
+/// its `checkpoint_latest` to the end.
+fn interrupted_and_resumed(mut config: Config, out: &Path, stop: usize) -> Vec<kiln::params::NamedTensor> {
+    config.output_dir = out.to_path_buf();
+    let mut first = Learner::new(config.clone()).unwrap();
+    first.stop_after_step = Some(stop);
+    first.fit().unwrap();
+    drop(first);
+    let mut resumed = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
+    resumed.fit().unwrap();
+    final_weights(&resumed)
 }
 
 /// `check_in_transformers` for a bundle of architecture `arch`, whose tokenizer may add special
