@@ -15,6 +15,7 @@
 //! - inference: `generate`, `evaluate`.
 
 pub mod backend;
+pub mod buffer;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

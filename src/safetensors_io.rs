@@ -28,7 +28,7 @@ use safetensors::SafeTensors;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::fused::matmul::Buf;
+use crate::buffer::Dst;
 
 /// Errors reading a safetensors file; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -475,7 +475,7 @@ impl SafetensorsFile {
         }
         let len = rows * cols;
         let mut out: Vec<f32> = Vec::with_capacity(len);
-        let dst = Buf::spare(&mut out, len);
+        let dst = Dst::uninit(&mut out.spare_capacity_mut()[..len]);
         let tensor_start = self.data_start + info.data_offsets.0;
         (0..rows.div_ceil(STRIP)).into_par_iter().try_for_each_init(Vec::new, |strip, s| {
             let r0 = s * STRIP;

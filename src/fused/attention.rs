@@ -15,7 +15,8 @@
 use rayon::prelude::*;
 
 use super::kernels::{softmax_backward_rows, softmax_rows};
-use super::matmul::{Buf, View, filled_many, matmul};
+use super::matmul::{View, matmul};
+use crate::buffer::{Dst, Src, Uninit, filled_many};
 
 /// Query rows per block: the causal mask lets a block skip the keys after its last query.
 const BLOCK: usize = 64;
@@ -82,22 +83,27 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<
     dims.check(q.len(), k.len());
     assert_eq!(k.len(), v.len(), "keys and values differ in size");
     let lens = [q.len(), dims.batch * dims.heads * dims.queries * dims.keys];
-    let (q, k, v) = (Buf::of(q), Buf::of(k), Buf::of(v));
+    let (q, k, v) = (Src::new(q), Src::new(k), Src::new(v));
     let d = dims.head_dim;
-    let fill = |[out_buf, probs_buf]: [Buf; 2]| {
+    let fill = |[out, probs]: [&mut Uninit; 2]| {
+        let (out_buf, probs_buf) = (Dst::uninit(out), Dst::uninit(probs));
         (0..dims.batch * dims.heads).into_par_iter().for_each(|task| {
             let (b, h) = (task / dims.heads, task % dims.heads);
             let (qv, kv, pv) = (dims.query(b, h), dims.key(b, h / dims.group()), dims.probs(b, h));
             for (start, end) in blocks(dims.queries) {
                 let (rows, keys) = (end - start, dims.visible(end));
                 let p = pv.block(start, 0, rows, keys);
-                // SAFETY: this task alone writes head `h` of sequence `b` in both outputs, and the
-                // product writes each probability block before the softmax and `p v` read it.
+                // SAFETY: this task alone writes head `h` of sequence `b` in both outputs; the
+                // product writes the block's visible columns and `fill` the rest of its rows
+                // before the softmax and `p v` read them.
                 unsafe {
                     matmul(probs_buf, p, q, qv.block(start, 0, rows, d), k, kv.block(0, 0, keys, d).t(), scale, false);
+                    for row in 0..rows {
+                        probs_buf.fill(p.offset + row * dims.keys + keys, dims.keys - keys, 0.0);
+                    }
                     let p_rows = probs_buf.slice_mut(p.offset, rows * dims.keys);
                     softmax_rows(p_rows, dims.keys, |i| start + i + dims.past() + 1);
-                    matmul(out_buf, qv.block(start, 0, rows, d), probs_buf, p, v, kv.block(0, 0, keys, d), 1.0, false);
+                    matmul(out_buf, qv.block(start, 0, rows, d), probs_buf.read(), p, v, kv.block(0, 0, keys, d), 1.0, false);
                 }
             }
         });
@@ -115,16 +121,17 @@ pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], di
     assert!(gout.len() == q.len() && v.len() == k.len(), "attention gradient inputs differ in size");
     assert_eq!(probs.len(), dims.batch * dims.heads * dims.queries * dims.keys, "probabilities have the wrong size");
     let lens = [q.len(), k.len(), v.len()];
-    let (gout, q, k, v, probs_buf) = (Buf::of(gout), Buf::of(q), Buf::of(k), Buf::of(v), Buf::of(probs));
+    let (gout, q, k, v, probs_buf) = (Src::new(gout), Src::new(q), Src::new(k), Src::new(v), Src::new(probs));
     let d = dims.head_dim;
     let dsv = View::rows(0, dims.queries, dims.keys, dims.keys);
-    let fill = |[dq_buf, dk_buf, dv_buf]: [Buf; 3]| {
+    let fill = |[dq, dk, dv]: [&mut Uninit; 3]| {
+        let (dq_buf, dk_buf, dv_buf) = (Dst::uninit(dq), Dst::uninit(dk), Dst::uninit(dv));
         (0..dims.batch * dims.kv_heads).into_par_iter().for_each_init(
             || vec![0.0f32; dims.queries * dims.keys],
             |scratch, task| {
                 let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
                 let kv = dims.key(b, g);
-                let ds = Buf::of_mut(scratch);
+                let ds = Dst::new(scratch);
                 for (i, h) in (g * dims.group()..(g + 1) * dims.group()).enumerate() {
                     let (qv, pv) = (dims.query(b, h), dims.probs(b, h));
                     // SAFETY: this task alone writes key/value head `g` of sequence `b` in dk and
@@ -139,7 +146,7 @@ pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], di
                             let ds_rows = ds.slice_mut(start * dims.keys, rows * dims.keys);
                             softmax_backward_rows(ds_rows, p_rows, dims.keys, scale, |r| start + r + dims.past() + 1);
                             // dQ = dS k over the visible keys.
-                            matmul(dq_buf, qv.block(start, 0, rows, d), ds, block, k, kv.block(0, 0, keys, d), 1.0, false);
+                            matmul(dq_buf, qv.block(start, 0, rows, d), ds.read(), block, k, kv.block(0, 0, keys, d), 1.0, false);
                         }
                         // dV += P^T dO and dK += dS^T q, each key block over the queries that see
                         // it; the group's first head writes, the others add.
@@ -149,7 +156,7 @@ pub fn backward(gout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], di
                             let dst = kv.block(start, 0, rows, d);
                             let rhs_q = qv.block(from, 0, queries, d);
                             matmul(dv_buf, dst, probs_buf, pv.t().block(start, from, rows, queries), gout, rhs_q, 1.0, i > 0);
-                            matmul(dk_buf, dst, ds, dsv.t().block(start, from, rows, queries), q, rhs_q, 1.0, i > 0);
+                            matmul(dk_buf, dst, ds.read(), dsv.t().block(start, from, rows, queries), q, rhs_q, 1.0, i > 0);
                         }
                     }
                 }

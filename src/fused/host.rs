@@ -12,9 +12,9 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Flex, NdArray, TensorMetadata};
 use burn::tensor::{Shape, TensorData};
 
-use super::matmul::{filled, filled_many};
 use super::linear_cross_entropy::{self, Dims as LceDims, Layout, Wanted};
 use super::{FusedOps, attention, kernels, linear};
+use crate::buffer::{filled, filled_many};
 
 /// A CPU backend whose `f32` tensors the kernels read as slices and build from vectors.
 pub trait Host: FusedOps {
@@ -122,7 +122,7 @@ pub(super) fn rms_norm_forward<B: Host>(x: &FloatTensor<B>, weight: &FloatTensor
     // SAFETY: the kernel writes every row of `y` and every row's `inv_rms`.
     let [y, inv_rms] = unsafe {
         filled_many([shape.num_elements(), n], |[y, inv_rms]| {
-            kernels::rms_norm(&B::values(x), &B::values(weight), eps as f32, y.whole(), inv_rms.whole())
+            kernels::rms_norm(&B::values(x), &B::values(weight), eps as f32, y, inv_rms)
         })
     };
     (B::tensor(y, shape), B::tensor(inv_rms, Shape::new([n])))
@@ -134,7 +134,7 @@ pub(super) fn rms_norm_backward<B: Host>(gy: &FloatTensor<B>, x: &FloatTensor<B>
     // SAFETY: the kernel writes every row of `gx`.
     let gx = unsafe {
         filled(shape.num_elements(), |gx| {
-            gw = kernels::rms_norm_backward(&B::values(gy), &B::values(x), &B::values(weight), &B::values(inv_rms), gx.whole())
+            gw = kernels::rms_norm_backward(&B::values(gy), &B::values(x), &B::values(weight), &B::values(inv_rms), gx)
         })
     };
     (B::tensor(gx, shape), B::tensor(gw, weight.shape()))
@@ -146,7 +146,7 @@ pub(super) fn swiglu_backward<B: Host>(gh: &FloatTensor<B>, gate: &FloatTensor<B
     // SAFETY: the kernel writes every element of both gradients.
     let [d_gate, d_up] = unsafe {
         filled_many([n, n], |[d_gate, d_up]| {
-            kernels::swiglu_backward(&B::values(gh), &B::values(gate), &B::values(up), d_gate.whole(), d_up.whole())
+            kernels::swiglu_backward(&B::values(gh), &B::values(gate), &B::values(up), d_gate, d_up)
         })
     };
     (B::tensor(d_gate, shape.clone()), B::tensor(d_up, shape))
@@ -166,7 +166,7 @@ pub(super) fn causal_softmax_backward<B: Host>(gp: &FloatTensor<B>, probs: &Floa
     // SAFETY: the kernel writes every row of `gs`, masked entries included.
     let gs = unsafe {
         filled(shape.num_elements(), |gs| {
-            kernels::causal_softmax_backward(&B::values(gp), &B::values(probs), queries, keys, scale as f32, gs.whole())
+            kernels::causal_softmax_backward(&B::values(gp), &B::values(probs), queries, keys, scale as f32, gs)
         })
     };
     B::tensor(gs, shape)
@@ -199,7 +199,7 @@ pub(super) fn cross_entropy_forward<B: Host>(logits: &FloatTensor<B>, targets: &
     let ids = target_ids::<B>(targets, vocab);
     // SAFETY: the kernel writes every row's loss and log-sum-exp.
     let [losses, lse] = unsafe {
-        filled_many([rows, rows], |[losses, lse]| kernels::cross_entropy(&B::values(logits), &ids, vocab, losses.whole(), lse.whole()))
+        filled_many([rows, rows], |[losses, lse]| kernels::cross_entropy(&B::values(logits), &ids, vocab, losses, lse))
     };
     (B::tensor(vec![kernels::mean_loss(&losses)], Shape::new([1])), B::tensor(lse, Shape::new([rows])), ids)
 }
@@ -249,7 +249,7 @@ pub(super) fn cross_entropy_backward<B: Host>(g: &FloatTensor<B>, logits: &Float
     // SAFETY: the kernel writes every element of every row.
     let grad = unsafe {
         filled(shape.num_elements(), |grad| {
-            kernels::cross_entropy_backward(&B::values(logits), ids, &B::values(lse), vocab, scale, grad.whole())
+            kernels::cross_entropy_backward(&B::values(logits), ids, &B::values(lse), vocab, scale, grad)
         })
     };
     B::tensor(grad, shape)
@@ -262,7 +262,7 @@ pub(super) fn rotary<B: Host>(x: &FloatTensor<B>, cos: &FloatTensor<B>, sin: &Fl
     // SAFETY: the kernel writes every row of `y`.
     let y = unsafe {
         filled(shape.num_elements(), |y| {
-            kernels::rotary(&B::values(x), &B::values(cos), &B::values(sin), heads, head_dim, inverse, y.whole())
+            kernels::rotary(&B::values(x), &B::values(cos), &B::values(sin), heads, head_dim, inverse, y)
         })
     };
     B::tensor(y, shape)
@@ -317,7 +317,7 @@ pub(super) fn linear_weight_grad<B: Host>(x: &FloatTensor<B>, gy: &FloatTensor<B
 fn swiglu<B: Host>(gate: &FloatTensor<B>, up: &FloatTensor<B>) -> FloatTensor<B> {
     let shape = gate.shape();
     // SAFETY: the kernel writes every element of `out`.
-    let out = unsafe { filled(shape.num_elements(), |out| kernels::swiglu(&B::values(gate), &B::values(up), out.whole())) };
+    let out = unsafe { filled(shape.num_elements(), |out| kernels::swiglu(&B::values(gate), &B::values(up), out)) };
     B::tensor(out, shape)
 }
 
@@ -326,7 +326,7 @@ fn causal_softmax<B: Host>(scores: &FloatTensor<B>, scale: f64) -> FloatTensor<B
     let (queries, keys) = score_dims(&shape);
     // SAFETY: the kernel writes every row of `out`, masked entries included.
     let out = unsafe {
-        filled(shape.num_elements(), |out| kernels::causal_softmax(&B::values(scores), queries, keys, scale as f32, out.whole()))
+        filled(shape.num_elements(), |out| kernels::causal_softmax(&B::values(scores), queries, keys, scale as f32, out))
     };
     B::tensor(out, shape)
 }

@@ -1,4 +1,5 @@
-//! The fused kernels themselves, on plain `f32` slices in row-major order.
+//! The fused kernels themselves, on plain `f32` slices in row-major order. Outputs are
+//! [`Uninit`]: each kernel writes every element of them and never reads one it has not written.
 //!
 //! Work is split into fixed blocks of rows (never "one block per thread"), and every sum runs
 //! in a fixed order inside its block, so results are bit-identical whatever the thread count:
@@ -10,6 +11,8 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use rayon::prelude::*;
+
+use crate::buffer::{Uninit, write_mapped};
 
 /// Rows handed to one task: enough work to amortise scheduling, small enough to balance.
 fn rows_per_task(row_len: usize) -> usize {
@@ -158,7 +161,7 @@ fn log_sum_exp(row: &[f32]) -> f32 {
 
 /// RMSNorm over rows of `weight.len()`: `y = x / sqrt(mean(x^2) + eps) * weight`; also returns
 /// each row's `1 / sqrt(mean(x^2) + eps)` for the backward pass.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut Uninit, inv_rms: &mut Uninit) {
     let h = weight.len();
     let block = rows_per_task(h);
     y.par_chunks_mut(block * h)
@@ -168,13 +171,14 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mu
 }
 
 vectorized! {
-    fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32], inv_rms: &mut [f32]) {
+    fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, y: &mut Uninit, inv_rms: &mut Uninit) {
         let h = weight.len();
-        for ((y, x), r) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
+        for ((y, x), inv_rms) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(inv_rms) {
             let mean_sq = sum_of(h, |i| x[i] * x[i]) / h as f32;
-            *r = 1.0 / (mean_sq + eps).sqrt();
+            let r = 1.0 / (mean_sq + eps).sqrt();
+            inv_rms.write(r);
             for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
-                *y = x * *r * w;
+                y.write(x * r * w);
             }
         }
     }
@@ -183,7 +187,7 @@ vectorized! {
 /// Gradients of [`rms_norm`] with respect to `x` and `weight`, given the output gradient `gy`.
 ///
 /// With `r = inv_rms`: `gx = r * (gy*w - x * r^2 * mean(gy*w*x))`, `gw = sum over rows of gy*x*r`.
-pub fn rms_norm_backward(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut [f32]) -> Vec<f32> {
+pub fn rms_norm_backward(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut Uninit) -> Vec<f32> {
     let h = weight.len();
     let block = rows_per_task(h);
     let partial_gw: Vec<Vec<f32>> = gx
@@ -202,13 +206,13 @@ pub fn rms_norm_backward(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32],
 
 vectorized! {
     /// One block of [`rms_norm_backward`]; adds the block's weight gradient into `gw`.
-    fn rms_norm_backward_rows(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut [f32], gw: &mut [f32]) {
+    fn rms_norm_backward_rows(gy: &[f32], x: &[f32], weight: &[f32], inv_rms: &[f32], gx: &mut Uninit, gw: &mut [f32]) {
         let h = weight.len();
         for (((gx, gy), x), &r) in gx.chunks_exact_mut(h).zip(gy.chunks_exact(h)).zip(x.chunks_exact(h)).zip(inv_rms) {
             let dot = sum_of(h, |i| gy[i] * weight[i] * x[i]) / h as f32;
             let c = r * r * dot;
             for ((((gx, g), w), x), gw) in gx.iter_mut().zip(gy).zip(weight).zip(x).zip(gw.iter_mut()) {
-                *gx = r * (g * w - x * c);
+                gx.write(r * (g * w - x * c));
                 *gw += g * x * r;
             }
         }
@@ -227,7 +231,7 @@ fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 }
 
 /// SwiGLU's gate: `silu(gate) * up`, with `silu(g) = g * sigmoid(g)`.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut Uninit) {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
@@ -235,15 +239,15 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 vectorized! {
-    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut Uninit) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g * sigmoid(g) * u;
+            o.write(g * sigmoid(g) * u);
         }
     }
 }
 
 /// Gradients of [`swiglu`]: `d gate = gh * up * s * (1 + g (1 - s))`, `d up = gh * g * s`.
-pub fn swiglu_backward(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+pub fn swiglu_backward(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut Uninit, d_up: &mut Uninit) {
     d_gate
         .par_chunks_mut(CHUNK)
         .zip(d_up.par_chunks_mut(CHUNK))
@@ -253,11 +257,11 @@ pub fn swiglu_backward(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32],
 }
 
 vectorized! {
-    fn swiglu_backward_chunk(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    fn swiglu_backward_chunk(gh: &[f32], gate: &[f32], up: &[f32], d_gate: &mut Uninit, d_up: &mut Uninit) {
         for ((((dg, du), &gh), &g), &u) in d_gate.iter_mut().zip(d_up.iter_mut()).zip(gh).zip(gate).zip(up) {
             let s = sigmoid(g);
-            *du = gh * g * s;
-            *dg = gh * u * s * (1.0 + g * (1.0 - s));
+            du.write(gh * g * s);
+            dg.write(gh * u * s * (1.0 + g * (1.0 - s)));
         }
     }
 }
@@ -265,14 +269,14 @@ vectorized! {
 /// Softmax of `scale * scores` along the last dimension with a causal mask: query `i` of each
 /// `[queries, keys]` matrix sees keys `0..=i + (keys - queries)` (bottom-right aligned, as after
 /// cached positions); masked probabilities are exactly 0.
-pub fn causal_softmax(scores: &[f32], queries: usize, keys: usize, scale: f32, out: &mut [f32]) {
+pub fn causal_softmax(scores: &[f32], queries: usize, keys: usize, scale: f32, out: &mut Uninit) {
     let past = keys - queries;
     let block = rows_per_task(keys);
     out.par_chunks_mut(block * keys)
         .zip(scores.par_chunks(block * keys))
         .enumerate()
         .for_each(|(task, (out, scores))| {
-            out.iter_mut().zip(scores).for_each(|(o, s)| *o = s * scale);
+            let out = write_mapped(out, scores, |s| s * scale);
             softmax_rows(out, keys, |row| (task * block + row) % queries + past + 1);
         });
 }
@@ -294,14 +298,14 @@ vectorized! {
 
 /// Gradient of [`causal_softmax`] with respect to the scores, from its output `probs` and the
 /// output gradient `gp`: `scale * p * (gp - sum(gp * p))` per row.
-pub fn causal_softmax_backward(gp: &[f32], probs: &[f32], queries: usize, keys: usize, scale: f32, gs: &mut [f32]) {
+pub fn causal_softmax_backward(gp: &[f32], probs: &[f32], queries: usize, keys: usize, scale: f32, gs: &mut Uninit) {
     let past = keys - queries;
     let block = rows_per_task(keys);
     gs.par_chunks_mut(block * keys)
         .zip(gp.par_chunks(block * keys).zip(probs.par_chunks(block * keys)))
         .enumerate()
         .for_each(|(task, (gs, (gp, probs)))| {
-            gs.copy_from_slice(gp);
+            let gs = gs.write_copy_of_slice(gp);
             softmax_backward_rows(gs, probs, keys, scale, |row| (task * block + row) % queries + past + 1);
         });
 }
@@ -325,7 +329,7 @@ vectorized! {
 /// Cross-entropy of rows of `vocab` logits against their target ids: each row's loss
 /// `lse - logit[target]`, with `lse = max + ln(sum(exp(logit - max)))`, and that `lse`, which
 /// the backward pass needs. One read of the logits, no `[rows, vocab]` temporaries.
-pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut [f32], lse: &mut [f32]) {
+pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut Uninit, lse: &mut Uninit) {
     let block = rows_per_task(vocab);
     losses
         .par_chunks_mut(block)
@@ -335,10 +339,11 @@ pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize, losses: &m
 }
 
 vectorized! {
-    fn cross_entropy_rows(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut [f32], lse: &mut [f32]) {
-        for (((row, &target), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(losses).zip(lse) {
-            *lse = log_sum_exp(row);
-            *loss = *lse - row[target];
+    fn cross_entropy_rows(logits: &[f32], targets: &[usize], vocab: usize, losses: &mut Uninit, lse: &mut Uninit) {
+        for (((row, &target), loss), lse_out) in logits.chunks_exact(vocab).zip(targets).zip(losses).zip(lse) {
+            let lse = log_sum_exp(row);
+            lse_out.write(lse);
+            loss.write(lse - row[target]);
         }
     }
 }
@@ -346,7 +351,7 @@ vectorized! {
 /// Gradient of `scale * sum of` [`cross_entropy`]'s losses with respect to the logits, from
 /// each row's `lse`: `scale * (softmax(row) - onehot(target))`. (The mean loss over `n` rows
 /// with upstream gradient `g` has `scale = g / n`.)
-pub fn cross_entropy_backward(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut [f32]) {
+pub fn cross_entropy_backward(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut Uninit) {
     let block = rows_per_task(vocab);
     grad.par_chunks_mut(block * vocab)
         .zip(logits.par_chunks(block * vocab))
@@ -355,11 +360,9 @@ pub fn cross_entropy_backward(logits: &[f32], targets: &[usize], lse: &[f32], vo
 }
 
 vectorized! {
-    fn cross_entropy_backward_rows(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut [f32]) {
+    fn cross_entropy_backward_rows(logits: &[f32], targets: &[usize], lse: &[f32], vocab: usize, scale: f32, grad: &mut Uninit) {
         for (((g, row), &target), &lse) in grad.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab)).zip(targets).zip(lse) {
-            for (g, &x) in g.iter_mut().zip(row) {
-                *g = scale * exp(x - lse);
-            }
+            let g = write_mapped(g, row, |x| scale * exp(x - lse));
             g[target] -= scale;
         }
     }
@@ -375,7 +378,7 @@ pub fn mean_loss(losses: &[f32]) -> f32 {
 /// overwritten with their gradient `scale * (softmax(row) - onehot(target))` (bit for bit what
 /// the backward kernel writes) while the row is still in cache. For a loss whose logits are
 /// needed only for their gradient (the fused output layer).
-pub fn cross_entropy_in_place(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut [f32]) {
+pub fn cross_entropy_in_place(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut Uninit) {
     let block = rows_per_task(vocab);
     losses
         .par_chunks_mut(block)
@@ -384,10 +387,10 @@ pub fn cross_entropy_in_place(logits: &mut [f32], targets: &[usize], vocab: usiz
 }
 
 vectorized! {
-    fn cross_entropy_in_place_rows(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut [f32]) {
+    fn cross_entropy_in_place_rows(logits: &mut [f32], targets: &[usize], vocab: usize, scale: f32, losses: &mut Uninit) {
         for ((row, &target), loss) in logits.chunks_exact_mut(vocab).zip(targets).zip(losses) {
             let lse = log_sum_exp(row);
-            *loss = lse - row[target];
+            loss.write(lse - row[target]);
             for x in row.iter_mut() {
                 *x = scale * exp(*x - lse);
             }
@@ -402,7 +405,7 @@ vectorized! {
 ///
 /// `inverse` applies the transposed rotation (`sin` negated), which is the backward pass; that
 /// holds because both halves of each table row are equal (`emb = cat(freqs, freqs)`).
-pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize, inverse: bool, out: &mut [f32]) {
+pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize, inverse: bool, out: &mut Uninit) {
     let sign = if inverse { -1.0f32 } else { 1.0 };
     let positions = cos.len() / head_dim;
     let block = rows_per_task(head_dim);
@@ -416,7 +419,7 @@ pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize
 
 vectorized! {
     /// [`rotary`] on rows of `head_dim` values, row `r` at position `position(r)`.
-    fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut [f32], head_dim: usize, position: impl Fn(usize) -> usize) {
+    fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, out: &mut Uninit, head_dim: usize, position: impl Fn(usize) -> usize) {
         let half = head_dim / 2;
         for (r, (y, x)) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)).enumerate() {
             let start = position(r) * head_dim;
@@ -426,8 +429,8 @@ vectorized! {
             let (x1, x2) = x.split_at(half);
             let (y1, y2) = y.split_at_mut(half);
             for i in 0..half {
-                y1[i] = x1[i] * cos1[i] - sign * x2[i] * sin1[i];
-                y2[i] = x2[i] * cos2[i] + sign * x1[i] * sin2[i];
+                y1[i].write(x1[i] * cos1[i] - sign * x2[i] * sin1[i]);
+                y2[i].write(x2[i] * cos2[i] + sign * x1[i] * sin2[i]);
             }
         }
     }

@@ -10,7 +10,8 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{Buf, View, filled, matmul, matmul_parallel};
+use super::matmul::{View, matmul, matmul_parallel};
+use crate::buffer::{Dst, Src, filled};
 
 /// Tokens per partial weight gradient: several slices for two threads to share, each long
 /// enough to keep the microkernel efficient.
@@ -50,25 +51,25 @@ impl Dims {
 pub fn forward(x: &[f32], w: &[f32], dims: Dims) -> Vec<f32> {
     dims.check(Some(x.len()), Some(w.len()), None);
     // SAFETY: the product writes every element of the new buffer.
-    unsafe { filled(dims.tokens * dims.d_out, |y| matmul_parallel(y, dims.y(), Buf::of(x), dims.x(), Buf::of(w), dims.w(), false)) }
+    unsafe { filled(dims.tokens * dims.d_out, |y| matmul_parallel(Dst::uninit(y), dims.y(), Src::new(x), dims.x(), Src::new(w), dims.w(), false)) }
 }
 
 /// `dy W^T`, the gradient of the input, `[tokens, d_in]`.
 pub fn input_grad(dy: &[f32], w: &[f32], dims: Dims) -> Vec<f32> {
     dims.check(None, Some(w.len()), Some(dy.len()));
     // SAFETY: the product writes every element of the new buffer.
-    unsafe { filled(dims.tokens * dims.d_in, |dx| matmul_parallel(dx, dims.x(), Buf::of(dy), dims.y(), Buf::of(w), dims.w().t(), false)) }
+    unsafe { filled(dims.tokens * dims.d_in, |dx| matmul_parallel(Dst::uninit(dx), dims.x(), Src::new(dy), dims.y(), Src::new(w), dims.w().t(), false)) }
 }
 
 /// `x^T dy`, the gradient of the weight, `[d_in, d_out]`: partial sums over fixed slices of
 /// tokens, computed in parallel and added in slice order.
 pub fn weight_grad(x: &[f32], dy: &[f32], dims: Dims) -> Vec<f32> {
     dims.check(Some(x.len()), None, Some(dy.len()));
-    let (x, dy, w) = (Buf::of(x), Buf::of(dy), dims.w());
+    let (x, dy, w) = (Src::new(x), Src::new(dy), dims.w());
     let slices = dims.tokens.div_ceil(TOKENS_PER_SLICE).max(1);
     if slices == 1 {
         // SAFETY: the product writes every element of the new buffer.
-        return unsafe { filled(w.rows * w.cols, |dw| matmul_parallel(dw, w, x, dims.x().t(), dy, dims.y(), false)) };
+        return unsafe { filled(w.rows * w.cols, |dw| matmul_parallel(Dst::uninit(dw), w, x, dims.x().t(), dy, dims.y(), false)) };
     }
     let partial = |slice: usize| {
         let start = slice * TOKENS_PER_SLICE;
@@ -76,7 +77,7 @@ pub fn weight_grad(x: &[f32], dy: &[f32], dims: Dims) -> Vec<f32> {
         let xs = dims.x().block(start, 0, len, dims.d_in).t();
         let dys = dims.y().block(start, 0, len, dims.d_out);
         // SAFETY: the product writes every element of the new buffer, which only it sees.
-        unsafe { filled(w.rows * w.cols, |dw| matmul(dw, w, x, xs, dy, dys, 1.0, false)) }
+        unsafe { filled(w.rows * w.cols, |dw| matmul(Dst::uninit(dw), w, x, xs, dy, dys, 1.0, false)) }
     };
     let mut partials: Vec<Vec<f32>> = (0..slices).into_par_iter().map(partial).collect();
     let mut sum = partials.remove(0);

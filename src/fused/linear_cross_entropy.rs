@@ -16,7 +16,10 @@
 //! any number of threads.
 
 use super::kernels;
-use super::matmul::{Buf, View, matmul_parallel};
+use super::matmul::{View, matmul_parallel};
+use std::mem::MaybeUninit;
+
+use crate::buffer::{Dst, Src, filled};
 
 /// Logits per slice (16 MiB of them), unless that is fewer than [`MIN_SLICE_TOKENS`] tokens.
 const SLICE_LOGITS: usize = 1 << 22;
@@ -102,13 +105,12 @@ pub fn forward(x: &[f32], w: &[f32], targets: &[usize], dims: Dims, wanted: Want
     let slice_tokens = slice_tokens.clamp(1, tokens.max(1));
     // Each row's gradient is `scale * (softmax - onehot)`: the mean's factor, applied once here.
     let scale = 1.0 / tokens.max(1) as f32;
-    let mut losses = vec![0.0f32; tokens];
     let mut logits = vec![0.0f32; slice_tokens * vocab];
-    let mut lse = vec![0.0f32; if wanted == Wanted::NONE { slice_tokens } else { 0 }];
+    let mut lse = vec![MaybeUninit::uninit(); if wanted == Wanted::NONE { slice_tokens } else { 0 }];
     let mut input_grad = wanted.input.then(|| vec![0.0f32; tokens * hidden]);
     let mut weight_grad = wanted.weight.then(|| vec![0.0f32; hidden * vocab]);
-    let (xb, wb) = (Buf::of(x), Buf::of(w));
-    for (slice, start) in (0..tokens).step_by(slice_tokens).enumerate() {
+    let (xb, wb) = (Src::new(x), Src::new(w));
+    let each_slice = |losses: &mut [MaybeUninit<f32>]| for (slice, start) in (0..tokens).step_by(slice_tokens).enumerate() {
         let n = slice_tokens.min(tokens - start);
         let rows = start..start + n;
         let xs = dims.x().block(start, 0, n, hidden);
@@ -116,16 +118,16 @@ pub fn forward(x: &[f32], w: &[f32], targets: &[usize], dims: Dims, wanted: Want
         let slice_logits = &mut logits[..n * vocab];
         // SAFETY (each product): the views were made for these buffers and are checked against
         // them; nothing else touches the outputs, which are only read after gemm returns.
-        unsafe { matmul_parallel(Buf::of_mut(slice_logits), ls, xb, xs, wb, dims.w(), false) };
+        unsafe { matmul_parallel(Dst::new(slice_logits), ls, xb, xs, wb, dims.w(), false) };
         if wanted == Wanted::NONE {
             kernels::cross_entropy(slice_logits, &targets[rows.clone()], vocab, &mut losses[rows], &mut lse[..n]);
             continue;
         }
         kernels::cross_entropy_in_place(slice_logits, &targets[rows.clone()], vocab, scale, &mut losses[rows]);
-        let dlogits = Buf::of(slice_logits);
+        let dlogits = Src::new(slice_logits);
         if let Some(dx) = input_grad.as_mut() {
             // dx[slice] = dlogits W^T
-            unsafe { matmul_parallel(Buf::of_mut(dx), xs, dlogits, ls, wb, dims.w().t(), false) };
+            unsafe { matmul_parallel(Dst::new(dx), xs, dlogits, ls, wb, dims.w().t(), false) };
         }
         if let Some(dw) = weight_grad.as_mut() {
             // dW += x[slice]^T dlogits, or its transpose for a [vocab, hidden] weight.
@@ -133,11 +135,13 @@ pub fn forward(x: &[f32], w: &[f32], targets: &[usize], dims: Dims, wanted: Want
             let dw_view = dims.dw();
             unsafe {
                 match dims.layout {
-                    Layout::HiddenVocab => matmul_parallel(Buf::of_mut(dw), dw_view, xb, xs.t(), dlogits, ls, !first),
-                    Layout::VocabHidden => matmul_parallel(Buf::of_mut(dw), dw_view, dlogits, ls.t(), xb, xs, !first),
+                    Layout::HiddenVocab => matmul_parallel(Dst::new(dw), dw_view, xb, xs.t(), dlogits, ls, !first),
+                    Layout::VocabHidden => matmul_parallel(Dst::new(dw), dw_view, dlogits, ls.t(), xb, xs, !first),
                 }
             }
         }
-    }
+    };
+    // SAFETY: the slices cover every token, and each writes its tokens' losses.
+    let losses = unsafe { filled(tokens, each_slice) };
     Output { losses, input_grad, weight_grad }
 }

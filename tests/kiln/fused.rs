@@ -11,6 +11,7 @@ use burn::tensor::Gradients;
 use kiln::model::{LanguageModel, LlamaForCausalLM, LlamaShape};
 use kiln::params::NamedVisitor;
 use rand::{Rng, SeedableRng};
+use std::mem::MaybeUninit;
 use rand_chacha::ChaCha8Rng;
 
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -29,6 +30,19 @@ fn ndarray() -> Device {
 
 fn flex() -> Device {
     Device::flex().autodiff()
+}
+
+/// Runs a kernel on outputs of `lens` elements, first set to NaN, and returns them, after
+/// checking that it wrote every element (the promise its callers rely on to skip clearing).
+fn written<const N: usize>(lens: [usize; N], kernel: impl FnOnce([&mut [MaybeUninit<f32>]; N])) -> [Vec<f32>; N] {
+    let mut outs = lens.map(|n| vec![MaybeUninit::new(f32::NAN); n]);
+    kernel(outs.each_mut().map(|o| o.as_mut_slice()));
+    // SAFETY: every element was initialised (to NaN) before the kernel ran.
+    let outs = outs.map(|o| unsafe { o.assume_init_ref() }.to_vec());
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.iter().all(|v| !v.is_nan()), "output {i} has elements the kernel did not write");
+    }
+    outs
 }
 
 /// Largest `|a - b| / (1 + |b|)` over all elements.
@@ -342,11 +356,10 @@ fn the_in_place_loss_kernel_writes_the_bits_of_the_loss_and_gradient_kernels() {
     let (rows, vocab) = (300, 257);
     let logits = random(rows * vocab, 47, 8.0);
     let ids: Vec<usize> = (0..rows).map(|i| i * 31 % vocab).collect();
-    let (mut losses, mut lse, mut grad) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * vocab]);
-    kernels::cross_entropy(&logits, &ids, vocab, &mut losses, &mut lse);
-    kernels::cross_entropy_backward(&logits, &ids, &lse, vocab, 0.003, &mut grad);
-    let (mut in_place, mut in_place_losses) = (logits.clone(), vec![0.0; rows]);
-    kernels::cross_entropy_in_place(&mut in_place, &ids, vocab, 0.003, &mut in_place_losses);
+    let [losses, lse] = written([rows, rows], |[losses, lse]| kernels::cross_entropy(&logits, &ids, vocab, losses, lse));
+    let [grad] = written([rows * vocab], |[grad]| kernels::cross_entropy_backward(&logits, &ids, &lse, vocab, 0.003, grad));
+    let mut in_place = logits.clone();
+    let [in_place_losses] = written([rows], |[losses]| kernels::cross_entropy_in_place(&mut in_place, &ids, vocab, 0.003, losses));
     assert_eq!(in_place_losses, losses);
     assert_eq!(in_place, grad);
 }
@@ -365,21 +378,17 @@ fn the_cpu_backends_use_the_kernels_unless_switched_off_on_the_thread() {
 fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
     let (rows, h) = (1000, 64);
     let (x, w, gy) = (random(rows * h, 7, 3.0), random(h, 8, 1.0), random(rows * h, 9, 1.0));
-    let (mut y, mut inv) = (vec![0.0; rows * h], vec![0.0; rows]);
-    kernels::rms_norm(&x, &w, 1e-6, &mut y, &mut inv);
-    let mut gx = vec![0.0; rows * h];
-    let gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, &mut gx);
-    let (mut p, mut gs) = (vec![0.0; rows * h], vec![0.0; rows * h]);
-    kernels::causal_softmax(&x, 50, h, 0.3, &mut p);
-    kernels::causal_softmax_backward(&gy, &p, 50, h, 0.3, &mut gs);
-    let (mut s, mut d_gate, mut d_up) = (vec![0.0; rows * h], vec![0.0; rows * h], vec![0.0; rows * h]);
-    kernels::swiglu(&x, &gy, &mut s);
-    kernels::swiglu_backward(&w.repeat(rows), &x, &gy, &mut d_gate, &mut d_up);
+    let [y, inv] = written([rows * h, rows], |[y, inv]| kernels::rms_norm(&x, &w, 1e-6, y, inv));
+    let mut gw = Vec::new();
+    let [gx] = written([rows * h], |[gx]| gw = kernels::rms_norm_backward(&gy, &x, &w, &inv, gx));
+    let [p] = written([rows * h], |[p]| kernels::causal_softmax(&x, 50, h, 0.3, p));
+    let [gs] = written([rows * h], |[gs]| kernels::causal_softmax_backward(&gy, &p, 50, h, 0.3, gs));
+    let [s] = written([rows * h], |[s]| kernels::swiglu(&x, &gy, s));
+    let [d_gate, d_up] = written([rows * h; 2], |[d_gate, d_up]| kernels::swiglu_backward(&w.repeat(rows), &x, &gy, d_gate, d_up));
     // As [batch 2, positions 100, heads 5, head_dim 64] with tables for 100 positions.
     let (cos, sin) = (random(100 * h, 10, 1.0), random(100 * h, 11, 1.0));
-    let (mut r, mut r_inv) = (vec![0.0; rows * h], vec![0.0; rows * h]);
-    kernels::rotary(&x, &cos, &sin, 5, h, false, &mut r);
-    kernels::rotary(&x, &cos, &sin, 5, h, true, &mut r_inv);
+    let [r] = written([rows * h], |[r]| kernels::rotary(&x, &cos, &sin, 5, h, false, r));
+    let [r_inv] = written([rows * h], |[r]| kernels::rotary(&x, &cos, &sin, 5, h, true, r));
     let (mut param, mut m, mut v) = (x.clone(), gy.clone(), gx.iter().map(|g| g * g).collect::<Vec<_>>());
     let step = kernels::AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, bias_correction1: 0.19, bias_correction2_sqrt: 0.14 };
     kernels::adamw(&mut param, &gy, &mut m, &mut v, &step);
@@ -393,12 +402,10 @@ fn every_kernel_output() -> Vec<(&'static str, Vec<f32>)> {
     let (ly, ldx, ldw) = (linear::forward(&x, &gx[..h * h], lin), linear::input_grad(&gy, &gx[..h * h], lin), linear::weight_grad(&x, &gy, lin));
     // The same values as 1000 rows of logits over 64 tokens.
     let ids: Vec<usize> = (0..rows).map(|i| i * 37 % h).collect();
-    let (mut ce, mut lse, mut dce) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * h]);
-    kernels::cross_entropy(&x, &ids, h, &mut ce, &mut lse);
-    kernels::cross_entropy_backward(&x, &ids, &lse, h, 0.01, &mut dce);
+    let [ce, lse] = written([rows, rows], |[ce, lse]| kernels::cross_entropy(&x, &ids, h, ce, lse));
+    let [dce] = written([rows * h], |[dce]| kernels::cross_entropy_backward(&x, &ids, &lse, h, 0.01, dce));
     let mut dce_in_place = x.clone();
-    let mut ce_in_place = vec![0.0; rows];
-    kernels::cross_entropy_in_place(&mut dce_in_place, &ids, h, 0.01, &mut ce_in_place);
+    let [ce_in_place] = written([rows], |[ce]| kernels::cross_entropy_in_place(&mut dce_in_place, &ids, h, 0.01, ce));
     // As an output layer from 1000 tokens of 64 into a vocabulary of 64, in slices of 300.
     let head = lce::Dims { tokens: rows, hidden: h, vocab: h, layout: Layout::HiddenVocab };
     let fused_head = lce::forward(&x, &gx[..h * h], &ids, head, lce::Wanted { input: true, weight: true }, 300);
