@@ -39,3 +39,4 @@ pub mod safetensors_io;
 pub mod schedule;
 pub mod tokenizer;
 pub mod train;
+pub mod weight_index;

@@ -24,6 +24,7 @@ use crate::params;
 use crate::pytorch::{TORCH_INDEX_FILE, TORCH_WEIGHTS_FILE, TorchWeights};
 use crate::safetensors_io::SafetensorsFile;
 use crate::tokenizer::KilnTokenizer;
+use crate::weight_index::weight_files;
 
 /// How to match stored tensors to kiln's parameters.
 #[derive(Debug, Clone, Default)]
@@ -95,39 +96,22 @@ pub struct WeightFiles {
 
 impl WeightFiles {
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join(WEIGHTS_FILE);
-        let index = dir.join(INDEX_FILE);
-        let file_names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
-            let map = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| anyhow!("{}: no `weight_map`", index.display()))?;
-            let mut files: Vec<String> = map
-                .values()
-                .map(|f| f.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display())))
-                .collect::<Result<_>>()?;
-            files.sort();
-            files.dedup();
-            files
-        } else if single.exists() {
-            vec![WEIGHTS_FILE.to_string()]
-        } else {
+        let Some(located) = weight_files(dir, WEIGHTS_FILE, INDEX_FILE)? else {
             bail!("{} has neither {WEIGHTS_FILE} nor {INDEX_FILE}", dir.display());
         };
         let mut files = Vec::new();
         let mut names = BTreeMap::new();
-        for name in file_names {
-            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                bail!("{}: shard name `{name}` points outside the directory", index.display());
-            }
-            let file = SafetensorsFile::open(&dir.join(&name))?;
+        for name in &located.files {
+            let file = SafetensorsFile::open(&dir.join(name))?;
             for (tensor, ..) in file.tensors() {
                 if names.insert(tensor.clone(), files.len()).is_some() {
                     bail!("{}: tensor `{tensor}` is stored twice", dir.display());
                 }
             }
             files.push(file);
+        }
+        if let Some(index) = &located.index {
+            index.check(|tensor| names.get(tensor).map(|&i| located.files[i].as_str()))?;
         }
         Ok(Self { files, names })
     }

@@ -30,8 +30,8 @@ use std::rc::Rc;
 use anyhow::{Context, Result, anyhow, bail};
 use pytorch_reader::{DType, FileFormat, OpCode, PytorchReader, Tensor};
 use safetensors::Dtype;
-use serde_json::Value;
 use zip::{CompressionMethod, ZipArchive, ZipReadOptions};
+use crate::weight_index::weight_files;
 
 /// A directory's single PyTorch weights file.
 pub const TORCH_WEIGHTS_FILE: &str = "pytorch_model.bin";
@@ -716,36 +716,13 @@ impl TorchWeights {
     /// stay inside the directory, every tensor the index lists must be in its shard, and a
     /// tensor stored in two files is an error.
     pub fn open(dir: &Path) -> Result<Option<Self>> {
-        let index = dir.join(TORCH_INDEX_FILE);
-        let single = dir.join(TORCH_WEIGHTS_FILE);
-        // Stored name -> shard, as the index lists them.
-        let mut listed: BTreeMap<String, String> = BTreeMap::new();
-        let file_names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
-            let map = v["weight_map"].as_object().ok_or_else(|| anyhow!("{}: no `weight_map`", index.display()))?;
-            for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display()))?;
-                listed.insert(tensor.clone(), file.to_owned());
-            }
-            let mut files: Vec<String> = listed.values().cloned().collect();
-            files.sort();
-            files.dedup();
-            files
-        } else if single.exists() {
-            vec![TORCH_WEIGHTS_FILE.to_string()]
-        } else {
+        let Some(located) = weight_files(dir, TORCH_WEIGHTS_FILE, TORCH_INDEX_FILE)? else {
             return Ok(None);
         };
         let mut files = Vec::new();
         let mut names = BTreeMap::new();
-        for name in file_names {
-            if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                bail!("{}: shard name `{name}` points outside the directory", index.display());
-            }
-            let file = TorchFile::open(&dir.join(&name))?;
+        for name in &located.files {
+            let file = TorchFile::open(&dir.join(name))?;
             for (tensor, dtype, shape) in file.tensors() {
                 if names.contains_key(&tensor) {
                     bail!("{}: tensor `{tensor}` is stored twice", dir.display());
@@ -754,11 +731,8 @@ impl TorchWeights {
             }
             files.push(file);
         }
-        for (tensor, shard) in &listed {
-            let found = names.get(tensor).map(|t| files[t.file].path().ends_with(shard));
-            if found != Some(true) {
-                bail!("{}: lists tensor `{tensor}` in {shard}, which does not hold it", index.display());
-            }
+        if let Some(index) = &located.index {
+            index.check(|tensor| names.get(tensor).map(|t: &StoredTensor| located.files[t.file].as_str()))?;
         }
         Ok(Some(Self { files, names }))
     }

@@ -13,7 +13,7 @@ use kiln::params::named_tensors;
 use kiln::safetensors_io::digest_file;
 use kiln::train::{Learner, StopReason};
 
-use super::common::{small_corpus, tiny_config};
+use super::common::{copy_dir, small_corpus, tiny_config};
 
 /// A tiny config whose epochs are short (about 14 steps), so runs cross epoch boundaries.
 fn short_epoch_config(dir: &Path) -> Config {
@@ -364,17 +364,6 @@ impl Storage for Failing {
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         self.0.tick()?;
         LocalFs.sync_dir(dir)
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    if to.exists() {
-        std::fs::remove_dir_all(to).unwrap();
-    }
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
     }
 }
 

@@ -53,3 +53,15 @@ log_every_steps = 5
     );
     Config::from_toml_str(&text, "tiny test config", &[]).unwrap()
 }
+
+/// Copies the files of `from` (not its subdirectories) into `to`, replacing what `to` held.
+pub fn copy_dir(from: &Path, to: &Path) {
+    if to.exists() {
+        std::fs::remove_dir_all(to).unwrap();
+    }
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}

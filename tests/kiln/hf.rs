@@ -12,7 +12,7 @@ use kiln::pretrained::{self, LoadOptions};
 use kiln::train::Learner;
 use serde_json::Value;
 
-use super::common::{repo_path, tiny_config};
+use super::common::{copy_dir, repo_path, tiny_config};
 
 fn python(args: &[&str]) -> String {
     let output = Command::new("python3")
@@ -121,6 +121,16 @@ fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
     let a = pretrained::load(&bundle, &Device::flex(), &LoadOptions::default()).unwrap();
     let b = pretrained::load(&sharded, &Device::flex(), &LoadOptions::default()).unwrap();
     assert!(kiln::params::named_tensors(&a.model) == kiln::params::named_tensors(&b.model));
+    // An index that puts a tensor in a shard which does not hold it is refused, naming both.
+    let misplaced = dir.path().join("misplaced");
+    copy_dir(&sharded, &misplaced);
+    let mut wrong = index.clone();
+    let (name, shard) = wrong["weight_map"].as_object().unwrap().iter().next().map(|(n, s)| (n.clone(), s.as_str().unwrap().to_string())).unwrap();
+    let other = files.iter().find(|f| **f != shard).unwrap().to_string();
+    wrong["weight_map"][&name] = Value::from(other.clone());
+    std::fs::write(misplaced.join("model.safetensors.index.json"), wrong.to_string()).unwrap();
+    let err = format!("{:#}", pretrained::load(&misplaced, &Device::flex(), &LoadOptions::default()).err().unwrap());
+    assert!(err.contains(&format!("`{name}` in {other}, which does not hold it")), "{err}");
 
     // `kiln inspect` describes a bundle through its directory or its index.
     for target in [sharded.clone(), sharded.join("model.safetensors.index.json")] {
