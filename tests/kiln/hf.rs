@@ -23,7 +23,7 @@ fn python(args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "hf_compat.py {args:?} failed (needs `pip install torch transformers safetensors tokenizers`):\n{stderr}"
+        "hf_compat.py {args:?} failed (needs torch, transformers, safetensors and tokenizers: `bash scripts/test.sh` installs them into .venv):\n{stderr}"
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use super::common::repo_path;
 
-const PIP_HINT: &str = "tests/python/torch_bin.py needs python3 with torch and safetensors: pip install torch safetensors";
+const PIP_HINT: &str = "tests/python/torch_bin.py needs python3 with torch and safetensors: `bash scripts/test.sh` installs them into .venv";
 
 /// Runs tests/python/torch_bin.py; its JSON output on success, a failed test otherwise.
 fn python(args: &[&str]) -> Value {

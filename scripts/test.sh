@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs them: README's test command, and what CI runs.
+#
+# - Mesa's lavapipe, a Vulkan driver that runs on the CPU, for the wgpu test (Debian's
+#   `mesa-vulkan-drivers`; needs root or sudo, skipped when a lavapipe is installed already).
+# - A Python virtual environment (`.venv`, or $KILN_TEST_VENV) with torch, transformers,
+#   safetensors and tokenizers, the references the compatibility tests compare kiln with. It
+#   sees the system's site-packages, so packages already installed are not downloaded again;
+#   what is missing is installed into it, never into the system.
+#
+# Arguments go to `cargo test` (e.g. `bash scripts/test.sh hf::` to run some tests only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null; then
+  echo "test.sh: installing Mesa's lavapipe Vulkan driver for the wgpu test"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+# Mesa's window-system probing warns without it; lavapipe needs no display.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
+venv="${KILN_TEST_VENV:-.venv}"
+if [ ! -x "$venv/bin/python3" ]; then
+  echo "test.sh: creating the Python environment $venv"
+  python3 -m venv --system-site-packages "$venv"
+fi
+if ! "$venv/bin/python3" -c "import torch, transformers, safetensors, tokenizers" 2>/dev/null; then
+  echo "test.sh: installing torch, transformers, safetensors, tokenizers into $venv"
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check torch transformers safetensors tokenizers
+fi
+# The tests run `python3`: this environment's.
+export PATH="$(cd "$venv" && pwd)/bin:$PATH"
+
+exec cargo test --release --locked --features wgpu "$@"
