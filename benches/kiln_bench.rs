@@ -78,7 +78,7 @@ fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
     };
     let text = format!(
         "output_dir = {out:?}\n[model]\nhidden_size = {}\nnum_layers = {}\nnum_heads = {}\nnum_kv_heads = {}\n\
-         intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\nseq_len = {}\n{tokenizer}\
+         intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\ncache_dir = {:?}\nseq_len = {}\n{tokenizer}\
          [training]\nbackend = \"{}\"\nbatch_size = {}\nmax_steps = 100000\neval_batches = 1\n\
          [checkpoint]\nsave_every_steps = 0\nsave_every_epochs = 0\n[export]\non_best = false\nat_end = false\n",
         shape.hidden,
@@ -88,6 +88,7 @@ fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
         shape.intermediate,
         shape.seq_len.max(256),
         repo().join("data/shakespeare.txt"),
+        out.join("cache"),
         shape.seq_len,
         backend.name(),
         shape.batch,

@@ -4,7 +4,8 @@
 # - Mesa's lavapipe, a Vulkan driver that runs on the CPU, for the wgpu test (Debian's
 #   `mesa-vulkan-drivers`; needs root or sudo, skipped when a lavapipe is installed already).
 # - A Python virtual environment (`.venv`, or $KILN_TEST_VENV) with torch, transformers,
-#   safetensors and tokenizers, the references the compatibility tests compare kiln with. It
+#   safetensors, tokenizers (the references the compatibility tests compare kiln with) and
+#   pyarrow (which writes the parquet sources the dataset tests prepare). It
 #   sees the system's site-packages, so packages already installed are not downloaded again;
 #   what is missing is installed into it, never into the system.
 #
@@ -28,9 +29,9 @@ if [ ! -x "$venv/bin/python3" ]; then
   echo "test.sh: creating the Python environment $venv"
   python3 -m venv --system-site-packages "$venv"
 fi
-if ! "$venv/bin/python3" -c "import torch, transformers, safetensors, tokenizers" 2>/dev/null; then
-  echo "test.sh: installing torch, transformers, safetensors, tokenizers into $venv"
-  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check torch transformers safetensors tokenizers
+if ! "$venv/bin/python3" -c "import torch, transformers, safetensors, tokenizers, pyarrow" 2>/dev/null; then
+  echo "test.sh: installing torch, transformers, safetensors, tokenizers, pyarrow into $venv"
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check torch transformers safetensors tokenizers pyarrow
 fi
 # The tests run `python3`: this environment's.
 export PATH="$(cd "$venv" && pwd)/bin:$PATH"

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{BackendKind, Config};
@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
+    /// Tokenize a config's data sources into token shards under `data.cache_dir` (what
+    /// `train` does first when they are not prepared yet); prints the prepared directory.
+    Prepare(PrepareArgs),
     /// Export any checkpoint as a Hugging Face-compatible inference bundle.
     Export(ExportArgs),
     /// Generate text with a bundle or a Hugging Face Llama directory.
@@ -139,6 +142,17 @@ pub struct CheckpointsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The run's TOML config: its `[data]` section (and `model.init_from`, whose tokenizer a
+    /// fine-tune's data is tokenized with).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override one config key, e.g. `--set data.cache_dir="/scratch/cache"` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct TrainArgs {
     /// The run's TOML config (see README.md for every key).
     #[arg(long, value_name = "FILE")]
@@ -191,6 +205,7 @@ fn init_tracing() {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train(args),
+        Command::Prepare(args) => prepare(args),
         Command::Export(args) => export(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
@@ -198,6 +213,32 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Checkpoints(args) => crate::inspect::checkpoints(&args.dir, args.json),
         Command::Convert(args) => crate::convert::convert(&args.input, &args.output),
     }
+}
+
+fn prepare(args: PrepareArgs) -> Result<()> {
+    use crate::prepare::{TokenizerChoice, prepare};
+    let config = Config::load(&args.config, &args.set)?;
+    let choice = match &config.model.init_from {
+        Some(dir) => match crate::tokenizer::KilnTokenizer::from_dir(dir).with_context(|| format!("model.init_from = {}", dir.display()))? {
+            Some(tokenizer) => TokenizerChoice::Given(tokenizer),
+            None => anyhow::bail!("model.init_from = {} has no tokenizer.json to tokenize the data with", dir.display()),
+        },
+        None => TokenizerChoice::from_config(&config.data)?,
+    };
+    let prepared = prepare(&config.data, &choice)?;
+    let manifest = crate::dataset::Manifest::read(&prepared.dir)?;
+    eprintln!(
+        "kiln: {} {} tokens of {} documents from {} sources in {} shards ({}){}",
+        if prepared.tokenized { "prepared" } else { "already prepared:" },
+        manifest.num_tokens,
+        manifest.num_documents,
+        manifest.sources.len(),
+        manifest.shards.len(),
+        serde_json::to_value(manifest.dtype)?.as_str().unwrap_or_default(),
+        if manifest.skipped.records > 0 { format!(", {} bad records skipped", manifest.skipped.records) } else { String::new() }
+    );
+    println!("{}", prepared.dir.display());
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {

@@ -101,18 +101,96 @@ pub enum TokenizerKind {
     Bpe,
 }
 
+/// `data.tokenizer`: a kind kiln trains on the sources (`"char"`, `"bpe"`), or any other string
+/// as the path of a `tokenizer.json` used as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerSetting {
+    Train(TokenizerKind),
+    File(PathBuf),
+}
+
+impl From<TokenizerKind> for TokenizerSetting {
+    fn from(kind: TokenizerKind) -> Self {
+        Self::Train(kind)
+    }
+}
+
+impl Serialize for TokenizerSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Train(kind) => kind.serialize(s),
+            Self::File(path) => path.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenizerSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d).map_err(|_| serde::de::Error::custom("expected \"char\", \"bpe\" or the path of a tokenizer.json"))?;
+        Ok(match text.as_str() {
+            "char" => Self::Train(TokenizerKind::Char),
+            "bpe" => Self::Train(TokenizerKind::Bpe),
+            _ => Self::File(PathBuf::from(text)),
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// UTF-8 text file; relative paths are resolved against the working directory.
+    /// A UTF-8 text file: the shorthand for one `.txt` source when `sources` is empty.
+    /// Relative paths are resolved against the working directory.
     pub path: PathBuf,
-    pub tokenizer: TokenizerKind,
+    /// The dataset's sources (`[[data.sources]]`); empty means `path` alone.
+    pub sources: Vec<SourceConfig>,
+    /// Where prepared datasets (token shards and their manifest) are kept, shared by runs.
+    pub cache_dir: PathBuf,
+    /// Skip unreadable records (a bad jsonl line, a missing field, invalid UTF-8), counting
+    /// them, instead of stopping at the first with an error naming it.
+    pub skip_bad_records: bool,
+    /// At most this many MiB of documents (the first of each source, in equal shares) train a
+    /// `bpe` tokenizer, so a large corpus is never held in memory.
+    pub tokenizer_sample_mib: usize,
+    /// Tokens per prepared shard file (the last of a source holds the rest).
+    pub shard_tokens: u64,
+    pub tokenizer: TokenizerSetting,
     /// Target vocabulary size for `bpe` (ignored for `char`, whose vocabulary is the corpus's characters).
     pub vocab_size: usize,
     /// Tokens of context per training example.
     pub seq_len: usize,
     /// Fraction of the corpus (its tail) held out for validation.
     pub val_fraction: f64,
+}
+
+/// One `[[data.sources]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// A file, a directory (its dataset files) or a glob, of `.txt` and `.jsonl` (optionally
+    /// `.gz`) files.
+    pub path: PathBuf,
+    /// The jsonl key holding each document's text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// This source's share of the training windows, relative to the others' weights; without
+    /// weights, sources are sampled in proportion to their tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+}
+
+fn default_text_field() -> String {
+    "text".to_string()
+}
+
+impl DataConfig {
+    /// The sources to prepare: `[[data.sources]]`, or `data.path` as one text source.
+    pub fn effective_sources(&self) -> Vec<SourceConfig> {
+        if self.sources.is_empty() {
+            vec![SourceConfig { path: self.path.clone(), text_field: default_text_field(), weight: None }]
+        } else {
+            self.sources.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,7 +367,12 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("data/shakespeare.txt"),
-            tokenizer: TokenizerKind::Char,
+            sources: Vec::new(),
+            cache_dir: PathBuf::from("data/cache"),
+            skip_bad_records: false,
+            tokenizer_sample_mib: 256,
+            shard_tokens: crate::dataset::SHARD_TOKENS,
+            tokenizer: TokenizerSetting::Train(TokenizerKind::Char),
             vocab_size: 512,
             seq_len: 64,
             val_fraction: 0.1,
@@ -457,7 +540,27 @@ impl Config {
             }
         }
         fraction("data.val_fraction", d.val_fraction, false)?;
-        if d.tokenizer == TokenizerKind::Bpe && d.vocab_size < 257 {
+        positive("data.tokenizer_sample_mib", d.tokenizer_sample_mib)?;
+        if d.shard_tokens == 0 {
+            return Err(key_error("data.shard_tokens", "must be at least 1"));
+        }
+        let weighted = d.sources.iter().filter(|s| s.weight.is_some()).count();
+        for (i, source) in d.sources.iter().enumerate() {
+            if source.text_field.is_empty() {
+                return Err(key_error(&format!("data.sources[{i}].text_field"), "must not be empty"));
+            }
+            match source.weight {
+                Some(w) => finite_positive(&format!("data.sources[{i}].weight"), w)?,
+                None if weighted > 0 => {
+                    return Err(key_error(
+                        &format!("data.sources[{i}].weight"),
+                        "is missing while other sources have one; give every source a weight, or none (then each counts by its tokens)",
+                    ));
+                }
+                None => {}
+            }
+        }
+        if d.tokenizer == TokenizerSetting::Train(TokenizerKind::Bpe) && d.vocab_size < 257 {
             return Err(key_error(
                 "data.vocab_size",
                 format!(

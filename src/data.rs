@@ -1,13 +1,19 @@
-//! The corpus: read as UTF-8 text, as token ids, its train/validation split, and the batch
-//! order.
+//! The training data as the loop sees it: a prepared dataset's sources split into training and
+//! validation tokens, the batch order, and the fixed validation batches.
 //!
 //! Training examples are windows of `seq_len + 1` tokens (inputs and the targets shifted by
-//! one). Each epoch cuts the training split into non-overlapping windows starting at an
-//! epoch-dependent offset and visits them in an epoch-seeded shuffled order. Both depend only
-//! on `(seed, epoch)`, so the loader's whole state is two numbers, [`DataPosition`], and a resumed
-//! run sees exactly the batches the interrupted one would have.
+//! one), which may cross document boundaries (packing, as nanoGPT and llm.c do). Each epoch
+//! cuts every source's training tokens into non-overlapping windows from an epoch-dependent
+//! offset and visits them in an epoch-seeded shuffled order; sources take turns by weight in a
+//! fixed interleave (smooth weighted round-robin: after any number of windows each source's
+//! share is within one window of its weight's). A source drawn more often than it has windows
+//! starts another shuffled pass over them. All of it depends only on `(seed, epoch)`, so the
+//! loader's whole state is two numbers, [`DataPosition`], and a resumed run sees exactly the
+//! batches the interrupted one would have. The order is one global sequence of windows, which
+//! several processes can divide by index.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -15,29 +21,71 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Train and validation token ids: the validation split is the corpus's tail.
-#[derive(Debug, Clone)]
-pub struct Splits {
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+use crate::dataset::{Dataset, SourceTokens};
+
+/// A prepared dataset with each source split: the last `val_fraction` of its tokens are held out
+/// for validation, the rest are trained on.
+pub struct Corpus {
+    dataset: Dataset,
+    /// Per source: tokens `0..train_end` are for training, `train_end..` for validation.
+    train_ends: Vec<u64>,
+    /// Per source: windows in one pass over its training tokens.
+    windows: Vec<usize>,
+    /// Per source: its weight in the mixture.
+    weights: Vec<f64>,
 }
 
-impl Splits {
-    pub fn new(mut tokens: Vec<u32>, val_fraction: f64, seq_len: usize) -> Result<Self> {
-        let n_val = ((tokens.len() as f64) * val_fraction).round() as usize;
-        let val = tokens.split_off(tokens.len() - n_val);
-        let splits = Self { train: tokens, val };
-        for (name, part) in [("training", &splits.train), ("validation", &splits.val)] {
-            if part.len() < seq_len + 1 {
-                bail!(
-                    "the {name} split has {} tokens, fewer than one window of data.seq_len + 1 = {}; \
-                     use a larger corpus, a shorter data.seq_len or another data.val_fraction",
-                    part.len(),
-                    seq_len + 1
-                );
+impl Corpus {
+    /// Splits `dataset`; `weights` (one per source) default to each source's training tokens.
+    pub fn new(dataset: Dataset, weights: Option<Vec<f64>>, val_fraction: f64, seq_len: usize) -> Result<Self> {
+        let mut train_ends = Vec::new();
+        for (i, (tokens, entry)) in dataset.sources.iter().zip(&dataset.manifest.sources).enumerate() {
+            let n = tokens.len();
+            let n_val = ((n as f64) * val_fraction).round() as u64;
+            for (name, part) in [("training", n - n_val), ("validation", n_val)] {
+                if part < seq_len as u64 + 1 {
+                    bail!(
+                        "the {name} split of source {i} ({}) has {part} tokens, fewer than one window of \
+                         data.seq_len + 1 = {}; use a larger corpus, a shorter data.seq_len or another data.val_fraction",
+                        entry.path.display(),
+                        seq_len + 1
+                    );
+                }
             }
+            train_ends.push(n - n_val);
         }
-        Ok(splits)
+        let windows: Vec<usize> = train_ends.iter().map(|&n| windows_per_pass(n, seq_len)).collect();
+        if let Some(i) = windows.iter().position(|&w| w == 0) {
+            bail!(
+                "the training split of source {i} ({}) has {} tokens, too few for a window of \
+                 data.seq_len + 1 = {} from any offset; use a larger corpus or a shorter data.seq_len",
+                dataset.manifest.sources[i].path.display(),
+                train_ends[i],
+                seq_len + 1
+            );
+        }
+        let weights = match weights {
+            Some(w) => {
+                if w.len() != train_ends.len() {
+                    bail!("{} weights for {} sources", w.len(), train_ends.len());
+                }
+                w
+            }
+            None => windows.iter().map(|&w| w as f64).collect(),
+        };
+        Ok(Self { dataset, train_ends, windows, weights })
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    fn source(&self, s: usize) -> &SourceTokens {
+        &self.dataset.sources[s]
+    }
+
+    fn num_sources(&self) -> usize {
+        self.train_ends.len()
     }
 }
 
@@ -88,32 +136,39 @@ impl Batch {
 
 /// Serves training batches in the deterministic order described in the module docs.
 pub struct TrainLoader {
-    tokens: Vec<u32>,
+    corpus: Arc<Corpus>,
     seq_len: usize,
     batch_size: usize,
     seed: u64,
     position: DataPosition,
-    /// Window start offsets of the current epoch, in visiting order.
-    order: Vec<usize>,
+    mixer: Mixer,
+    /// Windows drawn from each source so far this epoch.
+    drawn: Vec<usize>,
+    /// Per source: the pass over its windows in use, and that pass's window starts in order.
+    passes: Vec<(usize, Vec<u64>)>,
 }
 
 impl TrainLoader {
-    pub fn new(tokens: Vec<u32>, seq_len: usize, batch_size: usize, seed: u64) -> Result<Self> {
-        let windows = (tokens.len() - 1) / seq_len;
-        if windows < batch_size + 1 {
+    pub fn new(corpus: Arc<Corpus>, seq_len: usize, batch_size: usize, seed: u64) -> Result<Self> {
+        let windows: usize = corpus.windows.iter().sum();
+        if windows < batch_size {
             bail!(
-                "the training split holds {windows} windows of data.seq_len = {seq_len} tokens, \
-                 too few for one batch of training.batch_size = {batch_size} (plus one for the \
-                 epoch offset); use a larger corpus or smaller values"
+                "the training split holds {windows} windows of data.seq_len = {seq_len} tokens (those \
+                 that fit whatever the epoch's offset), too few for one batch of training.batch_size = \
+                 {batch_size}; use a larger corpus or smaller values"
             );
         }
+        let n = corpus.num_sources();
+        let mixer = Mixer::new(&corpus.weights);
         let mut loader = Self {
-            tokens,
+            corpus,
             seq_len,
             batch_size,
             seed,
             position: DataPosition::default(),
-            order: Vec::new(),
+            mixer,
+            drawn: vec![0; n],
+            passes: vec![(usize::MAX, Vec::new()); n],
         };
         loader.seek(DataPosition::default());
         Ok(loader)
@@ -123,28 +178,60 @@ impl TrainLoader {
         self.position
     }
 
-    /// Full batches per epoch (a last partial batch is dropped).
-    pub fn batches_per_epoch(&self) -> usize {
-        self.order.len() / self.batch_size
+    pub fn corpus(&self) -> &Corpus {
+        &self.corpus
     }
 
-    /// Moves to `position`, e.g. one restored from a checkpoint.
+    /// Full batches per epoch: an epoch is as many windows as the sources hold (a last partial
+    /// batch is dropped).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.corpus.windows.iter().sum::<usize>() / self.batch_size
+    }
+
+    /// Moves to `position`, e.g. one restored from a checkpoint: replays the interleave up to
+    /// it (no tokens are read).
     pub fn seek(&mut self, position: DataPosition) {
-        self.order = epoch_order(self.tokens.len(), self.seq_len, self.seed, position.epoch);
+        if position.epoch != self.position.epoch {
+            self.passes.iter_mut().for_each(|p| p.0 = usize::MAX);
+        }
         self.position = position;
+        self.mixer.reset();
+        self.drawn.iter_mut().for_each(|d| *d = 0);
+        for _ in 0..position.batch_in_epoch * self.batch_size {
+            self.drawn[self.mixer.next()] += 1;
+        }
     }
 
     /// The next batch of the current epoch, or `None` once the epoch is exhausted (call
     /// [`TrainLoader::start_epoch`] to go on).
     pub fn next_batch(&mut self) -> Option<Batch> {
-        let i = self.position.batch_in_epoch;
-        if i >= self.batches_per_epoch() {
+        if self.position.batch_in_epoch >= self.batches_per_epoch() {
             return None;
         }
-        let starts = &self.order[i * self.batch_size..(i + 1) * self.batch_size];
-        let batch = Batch::from_windows(&self.tokens, starts, self.seq_len);
+        let window = self.seq_len + 1;
+        let mut tokens = vec![0u32; self.batch_size * window];
+        for chunk in tokens.chunks_exact_mut(window) {
+            let s = self.mixer.next();
+            let k = self.drawn[s];
+            self.drawn[s] += 1;
+            let start = self.window_start(s, k);
+            self.corpus.source(s).copy_to(start, chunk);
+        }
+        let starts: Vec<usize> = (0..self.batch_size).map(|i| i * window).collect();
         self.position.batch_in_epoch += 1;
-        Some(batch)
+        Some(Batch::from_windows(&tokens, &starts, self.seq_len))
+    }
+
+    /// The start of source `s`'s `k`-th window this epoch.
+    fn window_start(&mut self, s: usize, k: usize) -> u64 {
+        let per_pass = self.corpus.windows[s];
+        let pass = k / per_pass;
+        if self.passes[s].0 != pass {
+            let order = epoch_order(self.corpus.train_ends[s], self.seq_len, self.seed, self.position.epoch, s, pass);
+            debug_assert_eq!(order.len(), per_pass);
+            self.passes[s] = (pass, order);
+        }
+        self.passes[s].1[k % per_pass]
     }
 
     pub fn start_epoch(&mut self, epoch: usize) {
@@ -155,39 +242,82 @@ impl TrainLoader {
     }
 }
 
-/// Window starts for one epoch: non-overlapping windows from a random offset in `[0, seq_len)`,
-/// shuffled; both drawn from a ChaCha stream seeded by `(seed, epoch)`.
-fn epoch_order(n_tokens: usize, seq_len: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let offset = rng.random_range(0..seq_len);
-    let mut starts: Vec<usize> = (offset..)
-        .step_by(seq_len)
-        .take_while(|s| s + seq_len < n_tokens)
-        .collect();
+/// Windows of `seq_len + 1` tokens that fit, one after the other, in `n_tokens` tokens
+/// whatever the offset in `[0, seq_len)` they start from.
+fn windows_per_pass(n_tokens: u64, seq_len: usize) -> usize {
+    let seq_len = seq_len as u64;
+    (n_tokens + 1).saturating_sub(2 * seq_len).div_ceil(seq_len) as usize
+}
+
+/// Smooth weighted round-robin over sources: each turn every source gains its weight in credit
+/// and the richest (the first among equals) is drawn and pays the total. Deterministic, and
+/// after any number of turns each source's count is within one of its weight's share.
+#[derive(Debug, Clone)]
+struct Mixer {
+    weights: Vec<f64>,
+    total: f64,
+    credit: Vec<f64>,
+}
+
+impl Mixer {
+    fn new(weights: &[f64]) -> Self {
+        Self { weights: weights.to_vec(), total: weights.iter().sum(), credit: vec![0.0; weights.len()] }
+    }
+
+    fn reset(&mut self) {
+        self.credit.iter_mut().for_each(|c| *c = 0.0);
+    }
+
+    fn next(&mut self) -> usize {
+        if self.weights.len() == 1 {
+            return 0;
+        }
+        for (c, w) in self.credit.iter_mut().zip(&self.weights) {
+            *c += w;
+        }
+        let best = (1..self.credit.len()).fold(0, |best, i| if self.credit[i] > self.credit[best] { i } else { best });
+        self.credit[best] -= self.total;
+        best
+    }
+}
+
+/// Window starts of one pass over a source's `n_tokens` training tokens in an epoch:
+/// [`windows_per_pass`] non-overlapping windows from a random offset in `[0, seq_len)`, shuffled; both drawn from a
+/// ChaCha stream seeded by `(seed, epoch, source, pass)` (source 0's first pass by `(seed,
+/// epoch)` alone).
+fn epoch_order(n_tokens: u64, seq_len: usize, seed: u64, epoch: usize, source: usize, pass: usize) -> Vec<u64> {
+    let mix = (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (source as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        ^ (pass as u64).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ mix);
+    let offset = rng.random_range(0..seq_len) as u64;
+    let mut starts: Vec<u64> = (0..windows_per_pass(n_tokens, seq_len) as u64).map(|i| offset + i * seq_len as u64).collect();
     starts.shuffle(&mut rng);
     starts
 }
 
-/// The fixed validation batches: up to `max_batches` batches of windows spread evenly over the
-/// validation split, the same at every evaluation.
-pub fn validation_batches(
-    tokens: &[u32],
-    seq_len: usize,
-    batch_size: usize,
-    max_batches: usize,
-) -> Vec<Batch> {
-    let windows = (tokens.len() - 1) / seq_len;
-    let wanted = (batch_size * max_batches).min(windows);
-    let starts: Vec<usize> = (0..wanted).map(|k| (k * windows / wanted) * seq_len).collect();
-    starts
-        .chunks(batch_size)
-        .map(|chunk| Batch::from_windows(tokens, chunk, seq_len))
-        .collect()
-}
-
-/// Reads the training corpus, which must be UTF-8 text.
-pub fn read_corpus(path: &Path) -> Result<String> {
-    read_text(path, "data.path = ")
+/// The fixed validation batches: up to `max_batches` batches of windows spread evenly over each
+/// source's validation tokens (sources share them by their validation windows), the same at
+/// every evaluation.
+pub fn validation_batches(corpus: &Corpus, seq_len: usize, batch_size: usize, max_batches: usize) -> Vec<Batch> {
+    let window = seq_len + 1;
+    let ranges: Vec<(u64, u64)> = (0..corpus.num_sources()).map(|s| (corpus.train_ends[s], corpus.source(s).len())).collect();
+    let windows: Vec<usize> = ranges.iter().map(|&(a, b)| ((b - a - 1) / seq_len as u64) as usize).collect();
+    let total: usize = windows.iter().sum();
+    let wanted = (batch_size * max_batches).min(total);
+    let mut tokens = Vec::new();
+    for (s, (&(start, _), &w)) in ranges.iter().zip(&windows).enumerate() {
+        let share = if corpus.num_sources() == 1 { wanted } else { ((wanted * w) as f64 / total as f64).round().max(1.0) as usize };
+        let share = share.min(w);
+        for k in 0..share {
+            let from = start + ((k * w / share) * seq_len) as u64;
+            let mut buf = vec![0u32; window];
+            corpus.source(s).copy_to(from, &mut buf);
+            tokens.extend(buf);
+        }
+    }
+    let starts: Vec<usize> = (0..tokens.len() / window).map(|i| i * window).collect();
+    starts.chunks(batch_size).map(|chunk| Batch::from_windows(&tokens, chunk, seq_len)).collect()
 }
 
 /// Reads a non-empty UTF-8 text file; `what` prefixes the path in errors.
@@ -212,40 +342,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn epoch_orders_are_permutations_that_differ_between_epochs() {
-        let a = epoch_order(10_000, 64, 7, 0);
-        let b = epoch_order(10_000, 64, 7, 1);
-        assert_ne!(a, b);
-        assert_eq!(a, epoch_order(10_000, 64, 7, 0));
+    fn epoch_orders_are_permutations_that_differ_between_epochs_sources_and_passes() {
+        let a = epoch_order(10_000, 64, 7, 0, 0, 0);
+        assert_ne!(a, epoch_order(10_000, 64, 7, 1, 0, 0));
+        assert_ne!(a, epoch_order(10_000, 64, 7, 0, 1, 0));
+        assert_ne!(a, epoch_order(10_000, 64, 7, 0, 0, 1));
+        assert_eq!(a, epoch_order(10_000, 64, 7, 0, 0, 0));
         let mut sorted = a.clone();
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), a.len());
         assert!(a.iter().all(|s| s + 64 < 10_000));
-    }
-
-    #[test]
-    fn targets_are_inputs_shifted_by_one() {
-        let tokens: Vec<u32> = (0..1000).collect();
-        let mut loader = TrainLoader::new(tokens, 8, 4, 1).unwrap();
-        let batch = loader.next_batch().unwrap();
-        for (i, t) in batch.inputs.iter().zip(&batch.targets) {
-            assert_eq!(i + 1, *t);
+        assert_eq!(a.len(), windows_per_pass(10_000, 64));
+        // Every offset leaves room for that many windows, and the last offset no more.
+        for (n, seq) in [(10u64, 4usize), (11, 4), (12, 4), (129, 64), (10_000, 64), (7, 4)] {
+            let fits = |offset: u64| (0..).take_while(|i| offset + i * seq as u64 + (seq as u64) < n).count();
+            assert_eq!(windows_per_pass(n, seq), fits(seq as u64 - 1), "{n} tokens, windows of {seq}");
         }
     }
 
     #[test]
-    fn seeking_replays_the_same_batches() {
-        let tokens: Vec<u32> = (0..5000).map(|i| i % 97).collect();
-        let mut a = TrainLoader::new(tokens.clone(), 16, 4, 3).unwrap();
-        for _ in 0..5 {
-            a.next_batch();
+    fn the_mixer_keeps_every_prefix_within_one_of_the_weights() {
+        let weights = [3.0, 1.0, 0.5];
+        let mut mixer = Mixer::new(&weights);
+        let mut counts = [0usize; 3];
+        for turn in 1..=1000usize {
+            counts[mixer.next()] += 1;
+            for (c, w) in counts.iter().zip(weights) {
+                let expected = turn as f64 * w / 4.5;
+                assert!((*c as f64 - expected).abs() <= 1.0, "turn {turn}: {counts:?}");
+            }
         }
-        let pos = a.position();
-        let expected: Vec<Batch> = (0..3).map(|_| a.next_batch().unwrap()).collect();
-        let mut b = TrainLoader::new(tokens, 16, 4, 3).unwrap();
-        b.seek(pos);
-        let replayed: Vec<Batch> = (0..3).map(|_| b.next_batch().unwrap()).collect();
-        assert_eq!(expected, replayed);
     }
 }

@@ -444,7 +444,7 @@ pub fn training_metadata(sidecar: &crate::checkpoint::sidecar::Sidecar, bundle_n
         "started_at": sidecar.started_at,
         "checkpoint_created_at": sidecar.created_at,
         "exported_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "data": {"path": c.data.path.display().to_string(), "sha256": sidecar.data_sha256, "tokenizer": c.data.tokenizer, "val_fraction": c.data.val_fraction},
+        "data": {"path": c.data.path.display().to_string(), "sources": c.data.effective_sources(), "sha256": sidecar.data_sha256, "tokenizer": c.data.tokenizer, "val_fraction": c.data.val_fraction},
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "burn_version": sidecar.burn_version,
         "backend": sidecar.backend,

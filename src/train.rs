@@ -29,7 +29,9 @@ use crate::checkpoint::sidecar::{
 use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
 use crate::config::{Config, Metric};
-use crate::data::{Batch, DataPosition, Splits, TrainLoader, read_corpus, validation_batches};
+use crate::data::{Batch, Corpus, DataPosition, TrainLoader, validation_batches};
+use crate::dataset::{Dataset, TOKENIZER_FILE};
+use crate::prepare::{self, TokenizerChoice};
 use crate::ema::Ema;
 use crate::metrics::{MetricRecord, MetricsLog};
 use crate::model::{ArchConfig, CausalLm, HfLayout, LanguageModel};
@@ -174,8 +176,6 @@ impl Learner {
             None => None,
         };
 
-        let text = read_corpus(&config.data.path)?;
-        let data_sha256 = hex(&Sha256::digest(text.as_bytes()));
         let t = &config.training;
         let device = backend::device(t.backend)?.autodiff();
         // Fine-tuning starts from a pretrained directory's weights, architecture and tokenizer.
@@ -192,15 +192,26 @@ impl Learner {
             }
             _ => None,
         };
-        let tokenizer = match (&resume, &pretrained) {
+        // A resume keeps the checkpoint's tokenizer and a fine-tune the pretrained one; a run
+        // from scratch trains one on the sources while preparing them.
+        let given = match (&resume, &pretrained) {
             (Some((ck, _)), _) => {
                 let s = &ck.sidecar;
-                KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone())
-                    .context("the checkpoint's tokenizer")?
+                Some(KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone()).context("the checkpoint's tokenizer")?)
             }
-            (None, Some(p)) => p.tokenizer.clone().expect("checked above"),
-            (None, None) => KilnTokenizer::train(config.data.tokenizer, &text, config.data.vocab_size)?,
+            (None, Some(p)) => Some(p.tokenizer.clone().expect("checked above")),
+            (None, None) => match TokenizerChoice::from_config(&config.data)? {
+                TokenizerChoice::Given(tokenizer) => Some(tokenizer),
+                TokenizerChoice::Train { .. } => None,
+            },
         };
+        let dataset_dir = prepared_dataset(&config, given.as_ref())?;
+        let dataset = Dataset::open(&dataset_dir)?;
+        let tokenizer = match given {
+            Some(t) => t,
+            None => KilnTokenizer::from_file(&dataset_dir.join(TOKENIZER_FILE))?,
+        };
+        let data_sha256 = dataset.content_sha256();
 
         let (arch, model) = match (pretrained, &resume) {
             (Some(p), _) => {
@@ -244,12 +255,13 @@ impl Learner {
         std::fs::write(out.join("config.toml"), config.to_toml_string())
             .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
         tokenizer.save(&out.join("tokenizer.json"))?;
-        let tokens = tokenizer.encode_corpus(&text)?;
-        let splits = Splits::new(tokens, config.data.val_fraction, config.data.seq_len)?;
-
-        let loader = TrainLoader::new(splits.train, config.data.seq_len, t.batch_size, t.seed)?;
-        let val_batches =
-            validation_batches(&splits.val, config.data.seq_len, t.batch_size, t.eval_batches);
+        if dataset.manifest.vocab_size != tokenizer.vocab_size() {
+            bail!("{}: prepared with a vocabulary of {} tokens, but the tokenizer has {}", dataset_dir.display(), dataset.manifest.vocab_size, tokenizer.vocab_size());
+        }
+        let weights = config.data.sources.iter().map(|s| s.weight).collect::<Option<Vec<f64>>>().filter(|w| !w.is_empty());
+        let corpus = Arc::new(Corpus::new(dataset, weights, config.data.val_fraction, config.data.seq_len)?);
+        let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.batch_size, t.seed)?;
+        let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches);
 
         let optim = AdamW::new(AdamWConfig {
             beta1: t.beta1,
@@ -322,6 +334,11 @@ impl Learner {
 
     pub fn data_position(&self) -> DataPosition {
         self.loader.position()
+    }
+
+    /// The prepared dataset the run trains on.
+    pub fn dataset_dir(&self) -> &Path {
+        &self.loader.corpus().dataset().dir
     }
 
     /// One optimizer step on `batch`; returns the batch loss and the gradient norm before
@@ -726,9 +743,9 @@ impl Learner {
     fn restore(&mut self, s: &Sidecar) -> Result<()> {
         if s.data_sha256 != self.data_sha256 {
             tracing::warn!(
-                "the corpus {} differs from the one the checkpoint was trained on; the batch \
-                 order will not match the interrupted run",
-                self.config.data.path.display()
+                "the data (data.path or data.sources) differs from the tokens the checkpoint was \
+                 trained on; the batch order will not match the interrupted run"
+
             );
         }
         self.optim.step = s.optimizer.step;
@@ -798,6 +815,30 @@ fn policy(config: &Config) -> Policy {
 
 /// Takes the run's lock file, so that two trainers never interleave checkpoints in one
 /// directory. The OS releases the lock when the process dies, however it dies.
+/// The prepared dataset a run trains on, prepared now unless one matches. With a `given`
+/// tokenizer (a checkpoint's, a pretrained one), the dataset prepared with the config's own
+/// tokenizer is used when that tokenizer is the given one (a resumed run from scratch), else
+/// one prepared with the given tokenizer.
+fn prepared_dataset(config: &Config, given: Option<&KilnTokenizer>) -> Result<std::path::PathBuf> {
+    let data = &config.data;
+    let choice = match given {
+        None => TokenizerChoice::from_config(data)?,
+        Some(tokenizer) => {
+            if let Some(dir) = prepare::find(data, &TokenizerChoice::from_config(data)?)? {
+                let manifest = crate::dataset::Manifest::read(&dir)?;
+                if manifest.tokenizer_sha256 == hex(&Sha256::digest(tokenizer.to_json()?.as_bytes())) {
+                    return Ok(dir);
+                }
+            }
+            TokenizerChoice::Given(tokenizer.clone())
+        }
+    };
+    if prepare::find(data, &choice)?.is_none() {
+        tracing::info!("preparing the dataset into {} (tokenized once, reused by later runs)", data.cache_dir.display());
+    }
+    Ok(prepare::prepare(data, &choice)?.dir)
+}
+
 fn lock_output_dir(out: &Path) -> Result<File> {
     let path = out.join(".kiln.lock");
     let file = std::fs::OpenOptions::new()

@@ -136,7 +136,8 @@ pub struct Sidecar {
     /// checkpoints of kiln before 0.2, whose tokenizers were always kiln's own.
     #[serde(default)]
     pub special_tokens: Option<crate::tokenizer::SpecialTokens>,
-    /// SHA-256 of the training corpus.
+    /// SHA-256 of the training data: of the prepared token streams (`Dataset::content_sha256`);
+    /// checkpoints of kiln before prepared datasets hashed the corpus text.
     pub data_sha256: String,
     /// When the run started (RFC 3339), and seconds spent training so far over all sessions.
     pub started_at: String,

@@ -245,6 +245,7 @@ fn async_and_sync_saves_write_identical_files() {
             sidecar.config.checkpoint.async_save = true;
             sidecar.config.output_dir = PathBuf::new();
             sidecar.config.data.path = PathBuf::new();
+            sidecar.config.data.cache_dir = PathBuf::new();
             set.push((listed.name, weights, optim, sidecar));
         }
         files.push(set);

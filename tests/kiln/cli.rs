@@ -20,12 +20,13 @@ fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
 fn train_runs_end_to_end_with_overrides() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = small_corpus(dir.path(), 40_000);
+    let cache = dir.path().join("cache");
     let config = write_config(
         dir.path(),
         &format!(
             "[model]\nhidden_size = 32\nnum_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\n\
              intermediate_size = 64\nmax_position_embeddings = 32\n\
-             [data]\npath = {corpus:?}\nseq_len = 16\n\
+             [data]\npath = {corpus:?}\nseq_len = 16\ncache_dir = {cache:?}\n\
              [training]\nbatch_size = 4\nmax_steps = 1000\neval_every_steps = 4\neval_batches = 1\n"
         ),
     );

@@ -35,6 +35,7 @@ intermediate_size = 64
 max_position_embeddings = 64
 [data]
 path = {corpus:?}
+cache_dir = {cache:?}
 seq_len = 32
 val_fraction = 0.1
 [training]
@@ -50,6 +51,7 @@ log_every_steps = 5
 "#,
         out = dir.join("out"),
         corpus = corpus,
+        cache = dir.join("cache"),
     );
     Config::from_toml_str(&text, "tiny test config", &[]).unwrap()
 }

@@ -67,6 +67,11 @@ fn impossible_values_are_named() {
         ("[model]\nsliding_window = 32\n", "model.sliding_window"),
         ("[model]\narchitecture = \"bert\"\n", "model.architecture"),
         ("[checkpoint]\nmetric = \"accuracy\"\n", "checkpoint.metric"),
+        ("[[data.sources]]\npath = \"a.jsonl\"\nweight = 0.0\n", "data.sources[0].weight"),
+        ("[[data.sources]]\npath = \"a.jsonl\"\nweight = 1.0\n[[data.sources]]\npath = \"b.jsonl\"\n", "data.sources[1].weight"),
+        ("[[data.sources]]\npath = \"a.jsonl\"\ntext_field = \"\"\n", "data.sources[0].text_field"),
+        ("[[data.sources]]\npaht = \"a.jsonl\"\n", "paht"),
+        ("[data]\nshard_tokens = 0\n", "data.shard_tokens"),
     ];
     for (text, key) in cases {
         let msg = error_text(text, &[]);
@@ -101,4 +106,15 @@ fn resolved_config_round_trips_through_toml() {
     let config = parse("output_dir = \"x/y\"\n[training]\nmax_steps = 5\n[model]\ndropout = 0.25\n").unwrap();
     let again = parse(&config.to_toml_string()).unwrap();
     assert_eq!(config, again);
+    // With sources and a tokenizer.json path.
+    let config = parse(
+        "[data]\ntokenizer = \"models/x/tokenizer.json\"\n[[data.sources]]\npath = \"a/*.jsonl\"\nweight = 2.0\n\
+         [[data.sources]]\npath = \"b.parquet\"\ntext_field = \"content\"\nweight = 1.0\n",
+    )
+    .unwrap();
+    assert_eq!(config.data.tokenizer, kiln::config::TokenizerSetting::File("models/x/tokenizer.json".into()));
+    assert_eq!(config.data.sources[1].text_field, "content");
+    assert_eq!(config.data.effective_sources().len(), 2);
+    assert_eq!(parse(&config.to_toml_string()).unwrap(), config);
+    assert_eq!(parse("[data]\ntokenizer = \"bpe\"\n").unwrap().data.tokenizer, kiln::config::TokenizerKind::Bpe.into());
 }

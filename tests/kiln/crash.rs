@@ -16,11 +16,12 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
         "output_dir = {out:?}\n\
          [model]\nhidden_size = 64\nnum_layers = 2\nnum_heads = 4\nnum_kv_heads = 2\n\
          intermediate_size = 128\nmax_position_embeddings = 32\n\
-         [data]\npath = {corpus:?}\nseq_len = 32\n\
+         [data]\npath = {corpus:?}\nseq_len = 32\ncache_dir = {cache:?}\n\
          [training]\nbatch_size = 4\nmax_steps = 100000\nepochs = 1000\neval_every_steps = 3\n\
          eval_batches = 1\nwarmup_steps = 2\n\
          [checkpoint]\nsave_every_steps = 1\nkeep_top_k = 2\n",
         out = dir.join("out"),
+        cache = dir.join("cache"),
     );
     let path = dir.join("crash.toml");
     std::fs::write(&path, text).unwrap();

@@ -92,7 +92,7 @@ fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
 
     let dir = tempfile::tempdir().unwrap();
     let (config, bundle) = trained_bundle(dir.path(), |c| {
-        c.data.tokenizer = TokenizerKind::Bpe;
+        c.data.tokenizer = TokenizerKind::Bpe.into();
         c.data.vocab_size = 300;
         c.model.tie_word_embeddings = true;
         c.model.num_kv_heads = 1;
@@ -518,10 +518,10 @@ fn a_fine_tune_killed_after_a_checkpoint_resumes_bit_exact() {
     let config_file = |out: &Path| {
         let config = ascii_config(out);
         let text = format!(
-            "output_dir = {:?}\n[model]\ninit_from = {hf:?}\n[data]\npath = {:?}\nseq_len = 16\n\
+            "output_dir = {:?}\n[model]\ninit_from = {hf:?}\n[data]\npath = {:?}\nseq_len = 16\ncache_dir = {:?}\n\
              [training]\nbatch_size = 4\nmax_steps = 40\nwarmup_steps = 2\neval_every_steps = 10\neval_batches = 1\n\
              [checkpoint]\nsave_every_steps = 2\nasync_save = false\n",
-            out.join("out"), config.data.path,
+            out.join("out"), config.data.path, out.join("cache"),
         );
         let path = out.join("tune.toml");
         std::fs::write(&path, text).unwrap();

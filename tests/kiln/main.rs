@@ -19,3 +19,4 @@ mod hf;
 mod writer;
 mod reader;
 mod pytorch;
+mod dataset;
