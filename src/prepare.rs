@@ -114,7 +114,8 @@ fn plan(data: &DataConfig, choice: &TokenizerChoice) -> Result<Plan> {
     Ok(Plan { sources, key, dir })
 }
 
-fn tokenizer_sha256(t: &KilnTokenizer) -> Result<String> {
+/// SHA-256 of the tokenizer's `tokenizer.json` as a prepared dataset stores it.
+pub fn tokenizer_sha256(t: &KilnTokenizer) -> Result<String> {
     Ok(hex(&Sha256::digest(t.to_json()?.as_bytes())))
 }
 
@@ -135,6 +136,7 @@ pub fn prepare(data: &DataConfig, choice: &TokenizerChoice) -> Result<Prepared> 
         return Ok(Prepared { dir: plan.dir, tokenized: false });
     }
     let cache = &data.cache_dir;
+    tracing::info!("preparing the dataset into {} (tokenized once, reused by later runs)", cache.display());
     std::fs::create_dir_all(cache).with_context(|| format!("data.cache_dir: cannot create {}", cache.display()))?;
     let name = &plan.key[..16];
     let lock_path = cache.join(format!(".{name}.lock"));
@@ -252,7 +254,7 @@ fn build(data: &DataConfig, choice: &TokenizerChoice, plan: &Plan, staging: &Pat
         eos_token_id: eos,
         dtype,
         vocab_size,
-        tokenizer_sha256: hex(&Sha256::digest(tokenizer_json.as_bytes())),
+        tokenizer_sha256: tokenizer_sha256(&tokenizer)?,
         skipped: Skipped { records: sources.iter().map(|s| s.skipped.records).sum() },
         sources,
         shards,

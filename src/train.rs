@@ -18,7 +18,6 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 
 use crate::backend;
 use crate::checkpoint::policy::{Policy, Progress};
@@ -40,7 +39,7 @@ use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::{self, pending};
 use crate::plot::loss_curve_svg;
 use crate::resume::{check_same_shape, restore_tensors};
-use crate::safetensors_io::{PendingTensor, hex};
+use crate::safetensors_io::PendingTensor;
 use crate::schedule::WarmupCosine;
 use crate::tokenizer::KilnTokenizer;
 
@@ -745,7 +744,6 @@ impl Learner {
             tracing::warn!(
                 "the data (data.path or data.sources) differs from the tokens the checkpoint was \
                  trained on; the batch order will not match the interrupted run"
-
             );
         }
         self.optim.step = s.optimizer.step;
@@ -813,8 +811,6 @@ fn policy(config: &Config) -> Policy {
     }
 }
 
-/// Takes the run's lock file, so that two trainers never interleave checkpoints in one
-/// directory. The OS releases the lock when the process dies, however it dies.
 /// The prepared dataset a run trains on, prepared now unless one matches. With a `given`
 /// tokenizer (a checkpoint's, a pretrained one), the dataset prepared with the config's own
 /// tokenizer is used when that tokenizer is the given one (a resumed run from scratch), else
@@ -826,19 +822,18 @@ fn prepared_dataset(config: &Config, given: Option<&KilnTokenizer>) -> Result<st
         Some(tokenizer) => {
             if let Some(dir) = prepare::find(data, &TokenizerChoice::from_config(data)?)? {
                 let manifest = crate::dataset::Manifest::read(&dir)?;
-                if manifest.tokenizer_sha256 == hex(&Sha256::digest(tokenizer.to_json()?.as_bytes())) {
+                if manifest.tokenizer_sha256 == prepare::tokenizer_sha256(tokenizer)? {
                     return Ok(dir);
                 }
             }
             TokenizerChoice::Given(tokenizer.clone())
         }
     };
-    if prepare::find(data, &choice)?.is_none() {
-        tracing::info!("preparing the dataset into {} (tokenized once, reused by later runs)", data.cache_dir.display());
-    }
     Ok(prepare::prepare(data, &choice)?.dir)
 }
 
+/// Takes the run's lock file, so that two trainers never interleave checkpoints in one
+/// directory. The OS releases the lock when the process dies, however it dies.
 fn lock_output_dir(out: &Path) -> Result<File> {
     let path = out.join(".kiln.lock");
     let file = std::fs::OpenOptions::new()
