@@ -158,7 +158,8 @@ pub struct DataConfig {
     pub vocab_size: usize,
     /// Tokens of context per training example.
     pub seq_len: usize,
-    /// Fraction of the corpus (its tail) held out for validation.
+    /// Fraction of each training source held out for validation (its last documents) when no
+    /// source has `split = "validation"`.
     pub val_fraction: f64,
 }
 
@@ -176,6 +177,25 @@ pub struct SourceConfig {
     /// weights, sources are sampled in proportion to their tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<f64>,
+    /// `"train"` (default) or `"validation"`: a run with validation sources evaluates on them,
+    /// whole, and trains on every token of the others.
+    #[serde(default, skip_serializing_if = "Split::is_train")]
+    pub split: Split,
+}
+
+/// Which part of a run a source feeds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    #[default]
+    Train,
+    Validation,
+}
+
+impl Split {
+    pub fn is_train(&self) -> bool {
+        *self == Split::Train
+    }
 }
 
 fn default_text_field() -> String {
@@ -186,10 +206,20 @@ impl DataConfig {
     /// The sources to prepare: `[[data.sources]]`, or `data.path` as one text source.
     pub fn effective_sources(&self) -> Vec<SourceConfig> {
         if self.sources.is_empty() {
-            vec![SourceConfig { path: self.path.clone(), text_field: default_text_field(), weight: None }]
+            vec![SourceConfig { path: self.path.clone(), text_field: default_text_field(), weight: None, split: Split::Train }]
         } else {
             self.sources.clone()
         }
+    }
+
+    /// Whether some source is named for validation (then nothing is held out of the others).
+    pub fn has_validation_sources(&self) -> bool {
+        self.sources.iter().any(|s| s.split == Split::Validation)
+    }
+
+    /// The configured weights of the training sources, in order, if they have any.
+    pub fn train_weights(&self) -> Option<Vec<f64>> {
+        self.sources.iter().filter(|s| s.split.is_train()).map(|s| s.weight).collect::<Option<Vec<f64>>>().filter(|w| !w.is_empty())
     }
 }
 
@@ -544,10 +574,19 @@ impl Config {
         if d.shard_tokens == 0 {
             return Err(key_error("data.shard_tokens", "must be at least 1"));
         }
-        let weighted = d.sources.iter().filter(|s| s.weight.is_some()).count();
+        let weighted = d.sources.iter().filter(|s| s.split.is_train() && s.weight.is_some()).count();
+        if !d.sources.is_empty() && d.sources.iter().all(|s| s.split == Split::Validation) {
+            return Err(key_error("data.sources", "every source has split = \"validation\"; at least one must be for training"));
+        }
         for (i, source) in d.sources.iter().enumerate() {
             if source.text_field.is_empty() {
                 return Err(key_error(&format!("data.sources[{i}].text_field"), "must not be empty"));
+            }
+            if source.split == Split::Validation {
+                if source.weight.is_some() {
+                    return Err(key_error(&format!("data.sources[{i}].weight"), "is for training sources; a validation source is evaluated whole"));
+                }
+                continue;
             }
             match source.weight {
                 Some(w) => finite_positive(&format!("data.sources[{i}].weight"), w)?,

@@ -21,71 +21,166 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::config::Split;
 use crate::dataset::{Dataset, SourceTokens};
 
-/// A prepared dataset with each source split: the last `val_fraction` of its tokens are held out
-/// for validation, the rest are trained on.
+/// A prepared dataset split for a run. With sources named `split = "validation"`, those are
+/// evaluated whole and every token of the others is trained on; otherwise each source's last
+/// documents, `val_fraction` of its tokens, are held out (see [`held_out_start`]).
 pub struct Corpus {
     dataset: Dataset,
-    /// Per source: tokens `0..train_end` are for training, `train_end..` for validation.
-    train_ends: Vec<u64>,
-    /// Per source: windows in one pass over its training tokens.
+    /// Per training source: the manifest source and its training tokens `0..end`.
+    train: Vec<Part>,
+    /// Per evaluated source: the manifest source and its validation tokens.
+    val: Vec<Part>,
+    /// Per training source: windows in one pass over its training tokens.
     windows: Vec<usize>,
-    /// Per source: its weight in the mixture.
+    /// Per training source: its weight in the mixture.
     weights: Vec<f64>,
 }
 
+/// Tokens `start..end` of manifest source `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub source: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Part {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
 impl Corpus {
-    /// Splits `dataset`; `weights` (one per source) default to each source's training tokens.
+    /// Splits `dataset`; `weights` (one per training source) default to each source's training
+    /// tokens.
     pub fn new(dataset: Dataset, weights: Option<Vec<f64>>, val_fraction: f64, seq_len: usize) -> Result<Self> {
-        let mut train_ends = Vec::new();
-        for (i, (tokens, entry)) in dataset.sources.iter().zip(&dataset.manifest.sources).enumerate() {
+        let entries = &dataset.manifest.sources;
+        let named = entries.iter().any(|e| e.split == Split::Validation);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (i, (tokens, entry)) in dataset.sources.iter().zip(entries).enumerate() {
             let n = tokens.len();
-            let n_val = ((n as f64) * val_fraction).round() as u64;
-            for (name, part) in [("training", n - n_val), ("validation", n_val)] {
-                if part < seq_len as u64 + 1 {
-                    bail!(
-                        "the {name} split of source {i} ({}) has {part} tokens, fewer than one window of \
-                         data.seq_len + 1 = {}; use a larger corpus, a shorter data.seq_len or another data.val_fraction",
-                        entry.path.display(),
-                        seq_len + 1
-                    );
+            let whole = Part { source: i, start: 0, end: n };
+            match (named, entry.split) {
+                (true, Split::Train) => train.push(whole),
+                (true, Split::Validation) => val.push(whole),
+                (false, _) => {
+                    let cut = n - ((n as f64) * val_fraction).round() as u64;
+                    let at = held_out_start(tokens, dataset.manifest.eos_token_id, cut, seq_len as u64 + 1);
+                    train.push(Part { end: at, ..whole });
+                    val.push(Part { start: at, ..whole });
                 }
             }
-            train_ends.push(n - n_val);
         }
-        let windows: Vec<usize> = train_ends.iter().map(|&n| windows_per_pass(n, seq_len)).collect();
+        let hint = if named { "a larger source or a shorter data.seq_len" } else { "a larger corpus, a shorter data.seq_len or another data.val_fraction" };
+        for (name, parts) in [("training", &train), ("validation", &val)] {
+            if let Some(p) = parts.iter().find(|p| p.len() < seq_len as u64 + 1) {
+                bail!(
+                    "the {name} split of source {} ({}) has {} tokens, fewer than one window of data.seq_len + 1 = {}; use {hint}",
+                    p.source,
+                    entries[p.source].path.display(),
+                    p.len(),
+                    seq_len + 1
+                );
+            }
+        }
+        let windows: Vec<usize> = train.iter().map(|p| windows_per_pass(p.len(), seq_len)).collect();
         if let Some(i) = windows.iter().position(|&w| w == 0) {
             bail!(
-                "the training split of source {i} ({}) has {} tokens, too few for a window of \
+                "the training split of source {} ({}) has {} tokens, too few for a window of \
                  data.seq_len + 1 = {} from any offset; use a larger corpus or a shorter data.seq_len",
-                dataset.manifest.sources[i].path.display(),
-                train_ends[i],
+                train[i].source,
+                entries[train[i].source].path.display(),
+                train[i].len(),
                 seq_len + 1
             );
         }
         let weights = match weights {
             Some(w) => {
-                if w.len() != train_ends.len() {
-                    bail!("{} weights for {} sources", w.len(), train_ends.len());
+                if w.len() != train.len() {
+                    bail!("{} weights for {} training sources", w.len(), train.len());
                 }
                 w
             }
             None => windows.iter().map(|&w| w as f64).collect(),
         };
-        Ok(Self { dataset, train_ends, windows, weights })
+        Ok(Self { dataset, train, val, windows, weights })
     }
 
     pub fn dataset(&self) -> &Dataset {
         &self.dataset
     }
 
-    fn source(&self, s: usize) -> &SourceTokens {
-        &self.dataset.sources[s]
+    /// The tokens of training source `s` (its training part starts at 0).
+    fn train_tokens(&self, s: usize) -> &SourceTokens {
+        &self.dataset.sources[self.train[s].source]
     }
 
-    fn num_sources(&self) -> usize {
-        self.train_ends.len()
+    fn num_train_sources(&self) -> usize {
+        self.train.len()
+    }
+
+    /// What is trained on, one part per training source.
+    pub fn train_parts(&self) -> &[Part] {
+        &self.train
+    }
+
+    /// What is evaluated on, one part per evaluated source.
+    pub fn validation_parts(&self) -> &[Part] {
+        &self.val
+    }
+}
+
+/// Where a source's held-out tail starts, so that validation is whole documents: the document
+/// start nearest to `cut` that leaves both parts at least `min_part` tokens, or `cut` itself
+/// when there is none (one long document, or a tokenizer without an end-of-text id, whose
+/// stream marks no documents).
+fn held_out_start(tokens: &SourceTokens, eos: Option<u32>, cut: u64, min_part: u64) -> u64 {
+    let Some(eos) = eos else { return cut };
+    let n = tokens.len();
+    if cut < min_part || n - cut < min_part {
+        return cut;
+    }
+    // Document starts are the positions just after an end-of-text id.
+    const CHUNK: u64 = 1 << 16;
+    let mut buf = vec![0u32; CHUNK as usize];
+    let mut after = None;
+    let mut pos = cut - 1;
+    while pos < n - min_part {
+        let len = CHUNK.min(n - min_part - pos);
+        tokens.copy_to(pos, &mut buf[..len as usize]);
+        if let Some(i) = buf[..len as usize].iter().position(|&t| t == eos) {
+            after = Some(pos + i as u64 + 1);
+            break;
+        }
+        pos += len;
+    }
+    // Before the cut, look no further back than the one found after it.
+    let lowest = match after {
+        Some(a) => cut.saturating_sub(a - cut).max(min_part),
+        None => min_part,
+    };
+    let mut before = None;
+    // Ids `lowest - 1 .. cut - 1` (a document start `p` follows an end at `p - 1`).
+    let mut end = cut - 1;
+    while end > lowest - 1 && before.is_none() {
+        let len = CHUNK.min(end - (lowest - 1));
+        let from = end - len;
+        tokens.copy_to(from, &mut buf[..len as usize]);
+        before = buf[..len as usize].iter().rposition(|&t| t == eos).map(|i| from + i as u64 + 1);
+        end = from;
+    }
+    match (before, after) {
+        (Some(b), Some(a)) => if cut - b <= a - cut { b } else { a },
+        (Some(b), None) => b,
+        (None, Some(a)) => a,
+        (None, None) => cut,
     }
 }
 
@@ -158,7 +253,7 @@ impl TrainLoader {
                  {batch_size}; use a larger corpus or smaller values"
             );
         }
-        let n = corpus.num_sources();
+        let n = corpus.num_train_sources();
         let mixer = Mixer::new(&corpus.weights);
         let mut loader = Self {
             corpus,
@@ -215,7 +310,7 @@ impl TrainLoader {
             let k = self.drawn[s];
             self.drawn[s] += 1;
             let start = self.window_start(s, k);
-            self.corpus.source(s).copy_to(start, chunk);
+            self.corpus.train_tokens(s).copy_to(start, chunk);
         }
         let starts: Vec<usize> = (0..self.batch_size).map(|i| i * window).collect();
         self.position.batch_in_epoch += 1;
@@ -227,7 +322,7 @@ impl TrainLoader {
         let per_pass = self.corpus.windows[s];
         let pass = k / per_pass;
         if self.passes[s].0 != pass {
-            let order = epoch_order(self.corpus.train_ends[s], self.seq_len, self.seed, self.position.epoch, s, pass);
+            let order = epoch_order(self.corpus.train[s].end, self.seq_len, self.seed, self.position.epoch, s, pass);
             debug_assert_eq!(order.len(), per_pass);
             self.passes[s] = (pass, order);
         }
@@ -297,22 +392,21 @@ fn epoch_order(n_tokens: u64, seq_len: usize, seed: u64, epoch: usize, source: u
 }
 
 /// The fixed validation batches: up to `max_batches` batches of windows spread evenly over each
-/// source's validation tokens (sources share them by their validation windows), the same at
-/// every evaluation.
+/// evaluated source's validation tokens (sources share them by their validation windows), the
+/// same at every evaluation.
 pub fn validation_batches(corpus: &Corpus, seq_len: usize, batch_size: usize, max_batches: usize) -> Vec<Batch> {
     let window = seq_len + 1;
-    let ranges: Vec<(u64, u64)> = (0..corpus.num_sources()).map(|s| (corpus.train_ends[s], corpus.source(s).len())).collect();
-    let windows: Vec<usize> = ranges.iter().map(|&(a, b)| ((b - a - 1) / seq_len as u64) as usize).collect();
+    let windows: Vec<usize> = corpus.val.iter().map(|p| ((p.len() - 1) / seq_len as u64) as usize).collect();
     let total: usize = windows.iter().sum();
     let wanted = (batch_size * max_batches).min(total);
     let mut tokens = Vec::new();
-    for (s, (&(start, _), &w)) in ranges.iter().zip(&windows).enumerate() {
-        let share = if corpus.num_sources() == 1 { wanted } else { ((wanted * w) as f64 / total as f64).round().max(1.0) as usize };
+    for (part, &w) in corpus.val.iter().zip(&windows) {
+        let share = if corpus.val.len() == 1 { wanted } else { ((wanted * w) as f64 / total as f64).round().max(1.0) as usize };
         let share = share.min(w);
         for k in 0..share {
-            let from = start + ((k * w / share) * seq_len) as u64;
+            let from = part.start + ((k * w / share) * seq_len) as u64;
             let mut buf = vec![0u32; window];
-            corpus.source(s).copy_to(from, &mut buf);
+            corpus.dataset.sources[part.source].copy_to(from, &mut buf);
             tokens.extend(buf);
         }
     }

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::Split;
 use crate::safetensors_io::hex;
 use crate::sources::{FileStamp, Skipped};
 
@@ -82,6 +83,9 @@ pub struct SourceEntry {
     pub text_field: String,
     /// The weight configured when prepared (training uses the config's current weights).
     pub weight: Option<f64>,
+    /// `validation` for a source named for evaluation only; absent means `train`.
+    #[serde(default, skip_serializing_if = "Split::is_train")]
+    pub split: Split,
     /// Every file read, as it was.
     pub files: Vec<FileStamp>,
     pub num_documents: u64,

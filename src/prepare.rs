@@ -24,7 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::storage::{LocalFs, Storage, write_atomic};
-use crate::config::{DataConfig, SourceConfig, TokenizerKind, TokenizerSetting};
+use crate::config::{DataConfig, SourceConfig, Split, TokenizerKind, TokenizerSetting};
 use crate::dataset::{FORMAT_VERSION, MANIFEST_FILE, Manifest, ShardEntry, SourceEntry, TOKENIZER_FILE, TokenDtype};
 use crate::safetensors_io::hex;
 use crate::sources::{self, DocumentReader, FileStamp, Skipped};
@@ -104,7 +104,7 @@ fn plan(data: &DataConfig, choice: &TokenizerChoice) -> Result<Plan> {
     };
     let key_json = json!({
         "format_version": FORMAT_VERSION,
-        "sources": sources.iter().map(|(s, files)| json!({"files": files, "text_field": s.text_field})).collect::<Vec<_>>(),
+        "sources": sources.iter().map(source_key).collect::<Vec<_>>(),
         "tokenizer": tokenizer,
         "skip_bad_records": data.skip_bad_records,
         "shard_tokens": data.shard_tokens,
@@ -112,6 +112,15 @@ fn plan(data: &DataConfig, choice: &TokenizerChoice) -> Result<Plan> {
     let key = hex(&Sha256::digest(key_json.to_string().as_bytes()));
     let dir = data.cache_dir.join(&key[..16]);
     Ok(Plan { sources, key, dir })
+}
+
+/// What a source's tokens depend on; a training source's entry is the same as before sources
+/// had splits, so those datasets keep their keys.
+fn source_key((source, files): &(SourceConfig, Vec<FileStamp>)) -> serde_json::Value {
+    match source.split {
+        Split::Train => json!({"files": files, "text_field": source.text_field}),
+        Split::Validation => json!({"files": files, "text_field": source.text_field, "split": source.split}),
+    }
 }
 
 /// SHA-256 of the tokenizer's `tokenizer.json` as a prepared dataset stores it.
@@ -238,6 +247,7 @@ fn build(data: &DataConfig, choice: &TokenizerChoice, plan: &Plan, staging: &Pat
             path: source.path.clone(),
             text_field: source.text_field.clone(),
             weight: source.weight,
+            split: source.split,
             files: files.clone(),
             num_documents,
             num_tokens,
@@ -278,7 +288,7 @@ fn shards_tokens(shards: &[ShardEntry]) -> u64 {
 /// A tokenizer kiln trains: a character vocabulary over every character of the sources (one
 /// streaming pass, so no text the model will see is missing from it), or a byte-level BPE on
 /// a bounded sample: the first `data.tokenizer_sample_mib` MiB of documents, in equal shares
-/// per source.
+/// per training source (validation sources stay unseen, as held-out text should).
 fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_size: usize) -> Result<KilnTokenizer> {
     match kind {
         TokenizerKind::Char => {
@@ -296,9 +306,10 @@ fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_si
             KilnTokenizer::train(kind, &alphabet, vocab_size)
         }
         TokenizerKind::Bpe => {
-            let share = (data.tokenizer_sample_mib << 20) / plan.sources.len();
+            let training: Vec<_> = plan.sources.iter().filter(|(s, _)| s.split.is_train()).collect();
+            let share = (data.tokenizer_sample_mib << 20) / training.len().max(1);
             let mut sample = String::new();
-            for (source, files) in &plan.sources {
+            for (source, files) in training {
                 let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records);
                 let mut taken = 0usize;
                 for file in files {

@@ -27,7 +27,7 @@ use crate::checkpoint::sidecar::{
 };
 use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
-use crate::config::{Config, Metric};
+use crate::config::{Config, DataConfig, Metric};
 use crate::data::{Batch, Corpus, DataPosition, TrainLoader, validation_batches};
 use crate::dataset::{Dataset, TOKENIZER_FILE};
 use crate::prepare::{self, TokenizerChoice};
@@ -193,18 +193,19 @@ impl Learner {
         };
         // A resume keeps the checkpoint's tokenizer and a fine-tune the pretrained one; a run
         // from scratch trains one on the sources while preparing them.
+        let configured = TokenizerChoice::from_config(&config.data)?;
         let given = match (&resume, &pretrained) {
             (Some((ck, _)), _) => {
                 let s = &ck.sidecar;
                 Some(KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone()).context("the checkpoint's tokenizer")?)
             }
             (None, Some(p)) => Some(p.tokenizer.clone().expect("checked above")),
-            (None, None) => match TokenizerChoice::from_config(&config.data)? {
-                TokenizerChoice::Given(tokenizer) => Some(tokenizer),
+            (None, None) => match &configured {
+                TokenizerChoice::Given(tokenizer) => Some(tokenizer.clone()),
                 TokenizerChoice::Train { .. } => None,
             },
         };
-        let dataset_dir = prepared_dataset(&config, given.as_ref())?;
+        let dataset_dir = prepared_dataset(&config.data, &configured, given.as_ref())?;
         let dataset = Dataset::open(&dataset_dir)?;
         let tokenizer = match given {
             Some(t) => t,
@@ -257,8 +258,7 @@ impl Learner {
         if dataset.manifest.vocab_size != tokenizer.vocab_size() {
             bail!("{}: prepared with a vocabulary of {} tokens, but the tokenizer has {}", dataset_dir.display(), dataset.manifest.vocab_size, tokenizer.vocab_size());
         }
-        let weights = config.data.sources.iter().map(|s| s.weight).collect::<Option<Vec<f64>>>().filter(|w| !w.is_empty());
-        let corpus = Arc::new(Corpus::new(dataset, weights, config.data.val_fraction, config.data.seq_len)?);
+        let corpus = Arc::new(Corpus::new(dataset, config.data.train_weights(), config.data.val_fraction, config.data.seq_len)?);
         let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.batch_size, t.seed)?;
         let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches);
 
@@ -812,15 +812,14 @@ fn policy(config: &Config) -> Policy {
 }
 
 /// The prepared dataset a run trains on, prepared now unless one matches. With a `given`
-/// tokenizer (a checkpoint's, a pretrained one), the dataset prepared with the config's own
+/// tokenizer (a checkpoint's, a pretrained one), the dataset prepared with the `configured`
 /// tokenizer is used when that tokenizer is the given one (a resumed run from scratch), else
 /// one prepared with the given tokenizer.
-fn prepared_dataset(config: &Config, given: Option<&KilnTokenizer>) -> Result<std::path::PathBuf> {
-    let data = &config.data;
+fn prepared_dataset(data: &DataConfig, configured: &TokenizerChoice, given: Option<&KilnTokenizer>) -> Result<std::path::PathBuf> {
     let choice = match given {
-        None => TokenizerChoice::from_config(data)?,
+        None => configured.clone(),
         Some(tokenizer) => {
-            if let Some(dir) = prepare::find(data, &TokenizerChoice::from_config(data)?)? {
+            if let Some(dir) = prepare::find(data, configured)? {
                 let manifest = crate::dataset::Manifest::read(&dir)?;
                 if manifest.tokenizer_sha256 == prepare::tokenizer_sha256(tokenizer)? {
                     return Ok(dir);

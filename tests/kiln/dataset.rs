@@ -39,7 +39,7 @@ fn write_config(dir: &Path, config: &Config) -> PathBuf {
 }
 
 fn source(path: &Path, weight: Option<f64>) -> SourceConfig {
-    SourceConfig { path: path.to_owned(), text_field: "text".into(), weight }
+    SourceConfig { path: path.to_owned(), text_field: "text".into(), weight, split: Default::default() }
 }
 
 fn jsonl(path: &Path, docs: &[&str]) {
@@ -445,4 +445,81 @@ fn a_resumed_run_over_shards_and_a_mixture_is_bit_identical() {
     assert_eq!(resumed.step, 10);
     resumed.fit().unwrap();
     assert!(kiln::params::named_tensors(whole.model()) == kiln::params::named_tensors(resumed.model()), "weights differ after the resume");
+}
+
+/// Documents of 1 to 40 words, as jsonl.
+fn word_documents(path: &Path, count: usize) {
+    let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"];
+    let docs: Vec<String> = (0..count).map(|i| (0..1 + (i * 7) % 40).map(|j| words[(i + j) % words.len()]).collect::<Vec<_>>().join(" ")).collect();
+    let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    jsonl(path, &refs);
+}
+
+#[test]
+fn validation_holds_out_whole_documents_nearest_the_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    word_documents(&dir.path().join("docs.jsonl"), 600);
+    let mut config = tiny_config(dir.path());
+    config.data.sources = vec![source(&dir.path().join("docs.jsonl"), None)];
+    config.data.tokenizer = kiln::config::TokenizerSetting::Train(TokenizerKind::Bpe);
+    config.data.vocab_size = 300;
+    config.data.val_fraction = 0.1;
+    let prepared = prepare(&config.data, &TokenizerChoice::from_config(&config.data).unwrap()).unwrap().dir;
+    let dataset = Dataset::open(&prepared).unwrap();
+    let eos = dataset.manifest.eos_token_id.expect("BPE ends documents");
+    let tokens = dataset.sources[0].read(0, dataset.sources[0].len());
+    let n = tokens.len() as u64;
+    let corpus = Corpus::new(dataset, None, config.data.val_fraction, config.data.seq_len).unwrap();
+    let (train, val) = (corpus.train_parts()[0], corpus.validation_parts()[0]);
+    assert_eq!((train.start, train.end, val.end), (0, val.start, n));
+    // The held-out part starts a document, and no document start is nearer the 10% cut.
+    let at = val.start as usize;
+    assert_eq!(tokens[at - 1], eos, "the split falls inside a document");
+    let cut = n - (n as f64 * 0.1).round() as u64;
+    let nearest = (1..tokens.len()).filter(|&p| tokens[p - 1] == eos).map(|p| (p as i64 - cut as i64).unsigned_abs()).min().unwrap();
+    assert_eq!((at as i64 - cut as i64).unsigned_abs(), nearest);
+    // Every validation window comes from the held-out documents.
+    let val_batches = kiln::data::validation_batches(&corpus, config.data.seq_len, 8, 4);
+    assert!(!val_batches.is_empty());
+    let held_out: Vec<i32> = tokens[at..].iter().map(|&t| t as i32).collect();
+    for batch in &val_batches {
+        for w in batch.inputs.chunks(batch.seq_len) {
+            assert!(held_out.windows(w.len()).any(|h| h == w), "a validation window outside the held-out documents");
+        }
+    }
+}
+
+#[test]
+fn named_validation_sources_are_evaluated_whole_and_never_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = two_sources(dir.path(), None);
+    config.data.sources[1].split = kiln::config::Split::Validation;
+    let cfg = write_config(dir.path(), &config);
+    let manifest = Manifest::read(&prepared_dir(&kiln(&["prepare"], &cfg))).unwrap();
+    assert_eq!(manifest.sources[1].split, kiln::config::Split::Validation);
+    assert_eq!(manifest.sources[0].split, kiln::config::Split::Train);
+
+    let prepared = prepare(&config.data, &TokenizerChoice::from_config(&config.data).unwrap()).unwrap().dir;
+    let tokenizer = kiln::tokenizer::KilnTokenizer::from_file(&prepared.join("tokenizer.json")).unwrap();
+    let xy = [tokenizer.token_to_id("x").unwrap() as i32, tokenizer.token_to_id("y").unwrap() as i32];
+    let corpus = Arc::new(Corpus::new(Dataset::open(&prepared).unwrap(), config.data.train_weights(), config.data.val_fraction, config.data.seq_len).unwrap());
+    assert_eq!(corpus.train_parts(), &[kiln::data::Part { source: 0, start: 0, end: 40_000 }]);
+    assert_eq!(corpus.validation_parts(), &[kiln::data::Part { source: 1, start: 0, end: 20_000 }]);
+    for batch in kiln::data::validation_batches(&corpus, config.data.seq_len, 8, 4) {
+        assert!(batch.inputs.iter().all(|t| xy.contains(t)), "validation reads the training source");
+    }
+    let mut loader = TrainLoader::new(corpus, config.data.seq_len, 8, 1).unwrap();
+    while let Some(batch) = loader.next_batch() {
+        assert!(batch.inputs.iter().all(|t| !xy.contains(t)), "training reads the validation source");
+    }
+
+    // A validation source has no weight, and some source must be for training.
+    let mut bad = config.clone();
+    bad.data.sources[1].weight = Some(1.0);
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("data.sources[1].weight"), "{err}");
+    let mut bad = config.clone();
+    bad.data.sources[0].split = kiln::config::Split::Validation;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("data.sources"), "{err}");
 }
