@@ -216,20 +216,20 @@ impl Dataset {
                         dir.display()
                     );
                 }
-                // SAFETY: the map is only read; a shard is never written after its manifest
-                // exists, and one changed underneath fails the hash below or (later) yields
-                // other ids, never memory unsafety for `u8` reads.
-                let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-                let digest = hex(&Sha256::digest(&map[..]));
-                if digest != entry.sha256 {
-                    bail!(
+                verify(&file, entry, &manifest).map_err(|e| match e {
+                    Verify::Io(e) => anyhow!(e).context(format!("cannot read {}", path.display())),
+                    Verify::Digest => anyhow!(
                         "shard {} does not match its SHA-256 in {}: altered or damaged; delete {} to prepare it again",
                         path.display(),
                         dir.join(MANIFEST_FILE).display(),
                         dir.display()
-                    );
-                }
-                check_ids(&map, manifest.dtype, manifest.vocab_size).with_context(|| format!("shard {}", path.display()))?;
+                    ),
+                    Verify::Id(id) => anyhow!("shard {}: token id {id} is outside the vocabulary of {}", path.display(), manifest.vocab_size),
+                })?;
+                // SAFETY: the map is only read; a shard is never written after its manifest
+                // exists, and one changed underneath (after the check above) yields other ids,
+                // never memory unsafety for `u8` reads.
+                let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
                 Ok(map)
             })
             .collect::<Result<_>>()?;
@@ -262,13 +262,48 @@ impl Dataset {
     }
 }
 
-fn check_ids(bytes: &[u8], dtype: TokenDtype, vocab_size: usize) -> Result<()> {
-    let too_big = match dtype {
+enum Verify {
+    Io(std::io::Error),
+    Digest,
+    Id(usize),
+}
+
+/// Checks a shard's SHA-256 and ids with ordinary reads, not through its map: the pages stay
+/// in the page cache rather than in the process's resident set, so a run's resident memory
+/// does not grow with the corpus when it starts.
+fn verify(file: &File, entry: &ShardEntry, manifest: &Manifest) -> std::result::Result<(), Verify> {
+    use std::io::Read;
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut reader = file;
+    loop {
+        // Fill whole ids: the buffer's length is a multiple of every id width.
+        let mut n = 0;
+        while n < buf.len() {
+            match reader.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Verify::Io(e)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        if let Some(id) = first_id_outside(&buf[..n], manifest.dtype, manifest.vocab_size) {
+            return Err(Verify::Id(id));
+        }
+        if n < buf.len() {
+            break;
+        }
+    }
+    if hex(&sha.finalize()) != entry.sha256 { Err(Verify::Digest) } else { Ok(()) }
+}
+
+fn first_id_outside(bytes: &[u8], dtype: TokenDtype, vocab_size: usize) -> Option<usize> {
+    match dtype {
         TokenDtype::U16 => bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).find(|&id| id >= vocab_size),
         TokenDtype::U32 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).find(|&id| id >= vocab_size),
-    };
-    match too_big {
-        Some(id) => Err(anyhow!("token id {id} is outside the vocabulary of {vocab_size}")),
-        None => Ok(()),
     }
 }
