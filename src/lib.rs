@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod buffer;
+pub mod byte_level_bpe;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

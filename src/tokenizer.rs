@@ -26,6 +26,7 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Model, Tokenizer};
 
+use crate::byte_level_bpe::ByteLevelBpe;
 use crate::config::TokenizerKind;
 
 /// The end-of-text token added to byte-level BPE vocabularies (as GPT-2 does).
@@ -56,6 +57,8 @@ pub struct KilnTokenizer {
     /// Cutting the text between a newline and a non-space character gives the same tokens as
     /// encoding it whole (see [`chunking_is_exact`]).
     chunkable: bool,
+    /// The faster corpus encoder for kiln's own byte-level BPE.
+    fast: Option<ByteLevelBpe>,
     special: SpecialTokens,
 }
 
@@ -102,8 +105,11 @@ impl KilnTokenizer {
             &inner.to_string(false).map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))?,
         )?;
         let kind = own_kind(&json);
+        let fast = (kind == Some(TokenizerKind::Bpe) && json["model"]["dropout"].is_null() && json["model"]["ignore_merges"] != true)
+            .then(|| ByteLevelBpe::new(&inner));
         let mut tokenizer = Self {
             chunkable: chunking_is_exact(&json, kind),
+            fast,
             inner,
             kind,
             special: SpecialTokens::default(),
@@ -180,8 +186,9 @@ impl KilnTokenizer {
     }
 
     /// A training corpus as one stream of tokens, without the special tokens a post-processor
-    /// adds to each encoded text. Encoded in parallel pieces where that gives the same tokens
-    /// as one piece, else whole.
+    /// adds to each encoded text. kiln's byte-level BPE goes through its faster encoder
+    /// (`byte_level_bpe.rs`, the same ids); others are encoded in parallel pieces where that
+    /// gives the same tokens as one piece, else whole.
     pub fn encode_corpus(&self, text: &str) -> Result<Vec<u32>> {
         self.check_chars(text)?;
         let chunks = if self.chunkable {
@@ -189,6 +196,11 @@ impl KilnTokenizer {
         } else {
             vec![text]
         };
+        if let Some(fast) = &self.fast {
+            use rayon::prelude::*;
+            let pieces: Vec<Vec<u32>> = chunks.par_iter().map(|c| fast.encode(&self.inner, c)).collect::<Result<_>>()?;
+            return Ok(pieces.concat());
+        }
         let encodings = self
             .inner
             .encode_batch_fast(chunks, false)

@@ -67,3 +67,56 @@ fn saved_tokenizers_reload_identically() {
         assert_eq!(json["model"]["type"], "BPE");
     }
 }
+
+/// Characters where GPT-2's split pattern decides something: every kind of white space
+/// (Unicode's and the ASCII controls that are not), letters, marks, numbers of each category,
+/// apostrophes, punctuation, symbols, scripts without spaces and emoji.
+const PALETTE: &[char] = &[
+    'a', 'Z', 'é', 'ß', 'ǅ', 'ʰ', 'א', 'ب', 'ह', '\u{093F}', '\u{0301}', '日', '本', '한', 'ก', '0', '7', '²', '½', 'Ⅻ', '٣', '߀',
+    ' ', ' ', ' ', '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{1C}', '\u{1F}', '\u{85}', '\u{A0}', '\u{1680}', '\u{2003}', '\u{200A}',
+    '\u{200B}', '\u{2028}', '\u{2029}', '\u{202F}', '\u{205F}', '\u{3000}', '\u{FEFF}', '\'', '\'', 's', 't', 'r', 'e', 'v', 'm', 'l', 'd',
+    '’', '.', ',', '!', '-', '_', '$', '€', '+', '<', '|', '🦀', '👍', '\u{1F3FD}', '\u{E000}', '\u{10FFFD}', '\0',
+];
+
+fn palette_text(seed: u64, len: usize) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| PALETTE[rng.random_range(0..PALETTE.len())]).collect()
+}
+
+/// kiln's faster corpus encoder for its byte-level BPE (src/byte_level_bpe.rs) gives exactly
+/// the ids of Hugging Face `tokenizers`' full pipeline.
+#[test]
+fn the_fast_bpe_corpus_encoder_gives_the_ids_of_the_tokenizers_pipeline() {
+    let mut training = corpus();
+    training.push_str(&palette_text(1, 20_000));
+    training.push_str(" it's we're they've I'm you'll he'd");
+    let tok = KilnTokenizer::train(TokenizerKind::Bpe, &training, 1500).unwrap();
+    let check = |text: &str| {
+        let fast = tok.encode_corpus(text).unwrap();
+        let full = tok.encode(text).unwrap();
+        assert!(fast == full, "the encoders differ on {text:?}");
+    };
+    for seed in 0..300 {
+        check(&palette_text(seed + 100, 1 + (seed as usize * 37) % 400));
+    }
+    check(&corpus()[..50_000]);
+    check(&format!("a{BPE_EOS}b {BPE_EOS}\n"));
+    check("");
+    check("   ");
+    check("x \n\n \t y  ");
+    // Every code point, next to letters, digits, spaces and itself, in blocks.
+    let chars: Vec<char> = (0..=0x10FFFFu32).filter_map(char::from_u32).collect();
+    for block in chars.chunks(4096) {
+        let text: String = block.iter().map(|&c| format!("a{c}1 {c}{c}  {c}b\n{c}' ")).collect();
+        let fast = tok.encode_corpus(&text).unwrap();
+        let full = tok.encode(&text).unwrap();
+        if fast != full {
+            let bad = block.iter().find(|&&c| {
+                let t = format!("a{c}1 {c}{c}  {c}b\n{c}' ");
+                tok.encode_corpus(&t).unwrap() != tok.encode(&t).unwrap()
+            });
+            panic!("the encoders differ around {bad:?}");
+        }
+    }
+}
