@@ -27,7 +27,7 @@ use crate::checkpoint::storage::{LocalFs, Storage, write_atomic};
 use crate::config::{DataConfig, SourceConfig, Split, TokenizerKind, TokenizerSetting};
 use crate::dataset::{FORMAT_VERSION, MANIFEST_FILE, Manifest, ShardEntry, SourceEntry, TOKENIZER_FILE, TokenDtype};
 use crate::safetensors_io::hex;
-use crate::sources::{self, DocumentReader, FileStamp, Skipped};
+use crate::sources::{self, DocumentReader, FileStamp, Skipped, Text};
 use crate::tokenizer::KilnTokenizer;
 
 /// Documents are tokenized in parallel in batches of about this many bytes.
@@ -205,26 +205,31 @@ fn build(data: &DataConfig, choice: &TokenizerChoice, plan: &Plan, staging: &Pat
     for (index, (source, files)) in plan.sources.iter().enumerate() {
         let mut writer = ShardWriter::new(staging, index, dtype, data.shard_tokens);
         let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records);
+        if tokenizer.encodes_pieces_exactly() {
+            reader = reader.in_pieces(sources::TEXT_PIECE_BYTES);
+        }
         let mut num_documents = 0u64;
         for file in files {
-            let mut batch: Vec<String> = Vec::new();
+            let mut batch: Vec<Text> = Vec::new();
             let mut batch_bytes = 0usize;
-            let mut flush = |batch: &mut Vec<String>, writer: &mut ShardWriter| -> Result<()> {
-                let encoded: Vec<Result<Vec<u32>>> = batch.par_iter().map(|doc| tokenizer.encode_corpus(doc)).collect();
+            let mut flush = |batch: &mut Vec<Text>, writer: &mut ShardWriter| -> Result<()> {
+                let encoded: Vec<Result<Vec<u32>>> = batch.par_iter().map(|doc| tokenizer.encode_corpus(&doc.text)).collect();
                 for (doc, ids) in batch.iter().zip(encoded) {
                     let mut ids = ids.with_context(|| format!("cannot tokenize a document of {}", file.path.display()))?;
-                    ids.extend(eos);
+                    if doc.ends_document {
+                        ids.extend(eos);
+                        num_documents += 1;
+                    }
                     writer.push(&ids)?;
-                    bar.inc(doc.len() as u64);
+                    bar.inc(doc.text.len() as u64);
                 }
-                num_documents += batch.len() as u64;
                 batch.clear();
                 let seconds = started.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("{:.0}k tokens/s", (shards_tokens(&shards) + writer.total) as f64 / seconds / 1e3));
                 Ok(())
             };
             reader.read(&file.path, |doc| {
-                batch_bytes += doc.len();
+                batch_bytes += doc.text.len();
                 batch.push(doc);
                 if batch_bytes >= BATCH_BYTES {
                     batch_bytes = 0;
@@ -294,10 +299,10 @@ fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_si
         TokenizerKind::Char => {
             let mut chars = BTreeSet::new();
             for (source, files) in &plan.sources {
-                let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records);
+                let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records).in_pieces(sources::TEXT_PIECE_BYTES);
                 for file in files {
                     reader.read(&file.path, |doc| {
-                        chars.extend(doc.chars());
+                        chars.extend(doc.text.chars());
                         Ok(())
                     })?;
                 }
@@ -310,8 +315,10 @@ fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_si
             let share = (data.tokenizer_sample_mib << 20) / training.len().max(1);
             let mut sample = String::new();
             for (source, files) in training {
-                let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records);
+                let mut reader = DocumentReader::new(&source.text_field, data.skip_bad_records).in_pieces(sources::TEXT_PIECE_BYTES);
                 let mut taken = 0usize;
+                // Documents are joined by a newline; the pieces of one document are not.
+                let mut at_document_start = true;
                 for file in files {
                     if taken >= share {
                         break;
@@ -319,7 +326,7 @@ fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_si
                     // Reading stops at the budget by an error that is not one.
                     let full = reader.read(&file.path, |doc| {
                         let room = share - taken;
-                        let mut piece = doc.as_str();
+                        let mut piece = doc.text.as_str();
                         if piece.len() > room {
                             let mut cut = room;
                             while !piece.is_char_boundary(cut) {
@@ -327,10 +334,11 @@ fn train_tokenizer(data: &DataConfig, plan: &Plan, kind: TokenizerKind, vocab_si
                             }
                             piece = &piece[..cut];
                         }
-                        if !sample.is_empty() {
+                        if !sample.is_empty() && at_document_start {
                             sample.push('\n');
                         }
                         sample.push_str(piece);
+                        at_document_start = doc.ends_document;
                         taken += piece.len();
                         if taken >= share { Err(SampleFull.into()) } else { Ok(()) }
                     });

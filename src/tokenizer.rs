@@ -224,6 +224,11 @@ impl KilnTokenizer {
         Ok(())
     }
 
+    /// Whether a text cut by [`is_exact_cut`] encodes, piece by piece, to the ids of the whole.
+    pub fn encodes_pieces_exactly(&self) -> bool {
+        self.chunkable
+    }
+
     /// The text of `ids` as transformers' `decode(ids, skip_special_tokens=True)` gives it.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let text = self
@@ -350,10 +355,10 @@ fn own_kind(json: &Value) -> Option<TokenizerKind> {
 }
 
 /// Whether encoding pieces cut by [`split_at_word_starts`] gives the tokens of the whole text.
-/// A cut falls between a newline and a non-space character, which is a boundary of kiln's
-/// char tokenizer (every character is a token) and of GPT-2's byte-level split pattern
-/// (`\s+` ends at the newline and the next word starts afresh), with nothing before them that
-/// looks across it: no normalizer, no prefix space, no added tokens spanning a newline.
+/// A cut falls after a newline standing alone between non-space characters ([`is_exact_cut`]),
+/// which is a boundary of kiln's char tokenizer (every character is a token) and of GPT-2's
+/// byte-level split pattern, with nothing before them that looks across it: no normalizer, no
+/// prefix space, no added tokens spanning a newline.
 /// Anything else (a SentencePiece `▁` prepended to each piece, a custom split pattern) is
 /// encoded whole.
 fn chunking_is_exact(json: &Value, kind: Option<TokenizerKind>) -> bool {
@@ -423,18 +428,14 @@ fn clean_up_tokenization(text: &str) -> String {
     text
 }
 
-/// Splits text into pieces of roughly `target` bytes, cutting only between a newline and a
-/// following non-whitespace character (see [`chunking_is_exact`] for when that is exact).
+/// Splits text into pieces of roughly `target` bytes, cutting only where [`is_exact_cut`]
+/// says (see [`chunking_is_exact`] for when that is exact).
 fn split_at_word_starts(text: &str, target: usize) -> Vec<&str> {
-    let bytes = text.as_bytes();
     let mut pieces = Vec::with_capacity(text.len() / target + 1);
     let mut start = 0;
     let mut i = target;
-    while i < bytes.len() {
-        let starts_word = bytes[i - 1] == b'\n'
-            && text.is_char_boundary(i)
-            && text[i..].chars().next().is_some_and(|c| !c.is_whitespace());
-        if starts_word {
+    while i < text.len() {
+        if is_exact_cut(text, i) {
             pieces.push(&text[start..i]);
             start = i;
             i += target;
@@ -446,6 +447,21 @@ fn split_at_word_starts(text: &str, target: usize) -> Vec<&str> {
         pieces.push(&text[start..]);
     }
     pieces
+}
+
+/// Whether `text` may be cut before byte `i`: after a newline that stands alone between two
+/// non-space characters. GPT-2's pattern makes that newline a piece of its own in the whole
+/// text and at the end of the first part alike, and starts the next piece afresh after it; a
+/// newline after other white space is not such a boundary (`"a  \nb"` is `a`, `  `, `\n`,
+/// `b`, but `"a  \n"` alone ends in the one piece `  \n`).
+pub fn is_exact_cut(text: &str, i: usize) -> bool {
+    let bytes = text.as_bytes();
+    i >= 2
+        && i < bytes.len()
+        && bytes[i - 1] == b'\n'
+        && text.is_char_boundary(i)
+        && text[i..].chars().next().is_some_and(|c| !c.is_whitespace())
+        && text[..i - 1].chars().next_back().is_some_and(|c| !c.is_whitespace())
 }
 
 #[cfg(test)]
@@ -461,5 +477,15 @@ mod tests {
         for p in &pieces[1..] {
             assert!(!p.starts_with(char::is_whitespace));
         }
+    }
+
+    #[test]
+    fn cuts_fall_only_after_a_newline_alone_between_words() {
+        assert!(is_exact_cut("a\nb", 2));
+        assert!(!is_exact_cut("a \nb", 3));
+        assert!(!is_exact_cut("a\r\nb", 3));
+        assert!(!is_exact_cut("a\n b", 2));
+        assert!(!is_exact_cut("\nb", 1));
+        assert!(is_exact_cut("é\n日", 3));
     }
 }

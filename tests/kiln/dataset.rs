@@ -523,3 +523,23 @@ fn named_validation_sources_are_evaluated_whole_and_never_trained_on() {
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("data.sources"), "{err}");
 }
+
+#[test]
+fn a_text_file_larger_than_a_piece_streams_with_the_tokens_of_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let shakespeare = std::fs::read_to_string(repo_path("data/shakespeare.txt")).unwrap();
+    // Past kiln's 8 MiB pieces, with lines ending in spaces before their newline.
+    let text = format!("{shakespeare}{}", shakespeare.replace(".\n", ".  \n"));
+    assert!(text.len() > kiln::sources::TEXT_PIECE_BYTES);
+    std::fs::write(dir.path().join("big.txt"), &text).unwrap();
+    let mut config = tiny_config(dir.path());
+    config.data.sources = vec![source(&dir.path().join("big.txt"), None)];
+    config.data.tokenizer = TokenizerKind::Bpe.into();
+    config.data.vocab_size = 400;
+    config.data.tokenizer_sample_mib = 1;
+    let prepared = prepare(&config.data, &TokenizerChoice::from_config(&config.data).unwrap()).unwrap().dir;
+    let manifest = Manifest::read(&prepared).unwrap();
+    assert_eq!(manifest.num_documents, 1);
+    let summary = check_with_python(&prepared, &[vec![text]], dir.path());
+    assert_eq!(summary["tokens"], manifest.num_tokens);
+}

@@ -101,6 +101,10 @@ fn the_fast_bpe_corpus_encoder_gives_the_ids_of_the_tokenizers_pipeline() {
         check(&palette_text(seed + 100, 1 + (seed as usize * 37) % 400));
     }
     check(&corpus()[..50_000]);
+    // Longer than one encoding chunk (64 KiB), with lines ending in white space before their
+    // newline, blank lines and CRLF, where a cut must not fall.
+    let lines: String = (0..6000).map(|i| format!("line {i} ends{}\n", ["", " ", "  ", "\t", "\r", " \n"][i % 6])).collect();
+    check(&lines);
     check(&format!("a{BPE_EOS}b {BPE_EOS}\n"));
     check("");
     check("   ");
