@@ -1,7 +1,7 @@
 //! kiln's benchmark: every comparison measured side by side in one run, alternating between
 //! kiln and its reference on every repetition, reported as medians in one table.
 //!
-//!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate]
+//!     cargo bench --features wgpu --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate,data]
 //!     cargo test --release --features wgpu --bench kiln_bench               (the smoke test: each CPU section once)
 //!     cargo bench --features wgpu --bench kiln_bench -- --only gpu           (on a GPU machine: gpu-train,
 //!                                                   gpu-stall; add `cuda` to the features where it builds)
@@ -539,11 +539,177 @@ fn gpu_stall_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
     Ok(())
 }
 
+/// A child process's wall time and peak resident memory (bytes), its output kept in `log`.
+fn run_measured(cmd: &mut Command, log: &Path) -> Result<(f64, u64)> {
+    let out = std::fs::File::create(log)?;
+    let start = Instant::now();
+    let child = cmd.stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data, and wait4 only writes it and `status` for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(pid == child.id() as libc::pid_t, "wait4 failed: {}", std::io::Error::last_os_error());
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    }
+    Ok((secs, usage.ru_maxrss as u64 * 1024))
+}
+
+/// The prepared data path: `kiln prepare` against nanoGPT-style Python on the same jsonl and
+/// parquet files and `tokenizer.json`, a run's start and peak memory on that corpus against the
+/// 5 MB demo corpus, and the training loader's share of a step.
+fn data_section(rows: &mut Vec<Row>, reps: usize, smoke: bool, quick: bool) -> Result<()> {
+    use kiln::config::{SourceConfig, TokenizerKind, TokenizerSetting};
+    use kiln::prepare::{TokenizerChoice, prepare};
+    let (mb, vocab) = if smoke { (4.0, 1024) } else if quick { (30.0, 32768) } else { (300.0, 32768) };
+    let dir = tempfile::tempdir_in(repo().join("target"))?;
+    let kiln_bin = env!("CARGO_BIN_EXE_kiln");
+    let script = repo().join("benches/prepare_bench.py");
+    let mut base = config(TINY, BackendKind::Flex, &dir.path().join("run"))?;
+    base.training.max_steps = 1;
+
+    // One byte-level BPE for both sides, trained by kiln on the demo corpus (untimed).
+    let mut tok_data = base.data.clone();
+    tok_data.tokenizer = TokenizerSetting::Train(TokenizerKind::Bpe);
+    tok_data.vocab_size = vocab;
+    tok_data.tokenizer_sample_mib = 8;
+    let tokenizer = dir.path().join("bench-tokenizer.json");
+    std::fs::copy(prepare(&tok_data, &TokenizerChoice::from_config(&tok_data)?)?.dir.join("tokenizer.json"), &tokenizer)?;
+
+    let corpus = dir.path().join("corpus");
+    let made = Command::new("python3").arg(&script).arg("corpus").arg(&corpus).arg(mb.to_string()).output()?;
+    anyhow::ensure!(made.status.success(), "prepare_bench.py corpus failed (needs pyarrow): {}", String::from_utf8_lossy(&made.stderr));
+    let on_disk = serde_json::from_slice::<serde_json::Value>(&made.stdout)?["bytes"].as_f64().unwrap_or(0.0) / 1e6;
+    let text_mb = serde_json::from_slice::<serde_json::Value>(&made.stdout)?["text_bytes"].as_f64().unwrap_or(0.0) / 1e6;
+    let files = |kind: &str| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(corpus.join(kind))?.map(|e| Ok(e?.path())).collect::<Result<_>>()?;
+        v.sort();
+        Ok(v)
+    };
+    let all_files: Vec<PathBuf> = [files("jsonl")?, files("parquet")?].concat();
+
+    base.data.tokenizer = TokenizerSetting::File(tokenizer.clone());
+    let write = |name: &str, c: Config| -> Result<PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, c.to_toml_string())?;
+        Ok(path)
+    };
+    let mut big = base.clone();
+    big.data.cache_dir = dir.path().join("big-cache");
+    big.data.sources = ["jsonl/*.jsonl", "parquet/*.parquet"]
+        .iter()
+        .map(|p| SourceConfig { path: corpus.join(p), text_field: "text".into(), weight: None, split: Default::default() })
+        .collect();
+    let big_cfg = write("big.toml", big.clone())?;
+    let demo_cfg = write("demo.toml", base.clone())?;
+
+    let (mut kiln_mbs, mut py_mbs, mut prep_peak) = (vec![], vec![], vec![]);
+    let mut eos = None;
+    for rep in 0..reps {
+        let _ = std::fs::remove_dir_all(&big.data.cache_dir);
+        let (secs, peak) = run_measured(Command::new(kiln_bin).arg("prepare").arg("--config").arg(&big_cfg), &dir.path().join("prepare.log"))?;
+        kiln_mbs.push(text_mb / secs);
+        prep_peak.push(peak as f64 / 1e6);
+        let prepared = kiln::prepare::find(&big.data, &TokenizerChoice::from_config(&big.data)?)?.context("kiln prepare left no dataset")?;
+        let manifest = kiln::dataset::Manifest::read(&prepared)?;
+        eos = manifest.eos_token_id;
+        if REFERENCES.load(Ordering::Relaxed) {
+            let out = Command::new("python3")
+                .arg(&script)
+                .arg("reference")
+                .arg(&tokenizer)
+                .arg(eos.context("the BPE has an end-of-text id")?.to_string())
+                .arg(dir.path().join("reference.bin"))
+                .args(&all_files)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "prepare_bench.py reference failed: {}", String::from_utf8_lossy(&out.stderr));
+            let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            // Both sides did the same work: the same token stream.
+            use sha2::Digest;
+            let mut sha = sha2::Sha256::new();
+            for shard in &manifest.shards {
+                sha.update(std::fs::read(prepared.join(&shard.path))?);
+            }
+            let kiln_sha = kiln::safetensors_io::hex(&sha.finalize());
+            anyhow::ensure!(reply["sha256"].as_str() == Some(kiln_sha.as_str()), "kiln prepare and the Python reference wrote different tokens");
+            py_mbs.push(text_mb / reply["seconds"].as_f64().unwrap_or(f64::NAN));
+            let _ = std::fs::remove_file(dir.path().join("reference.bin"));
+        }
+        eprintln!("bench: prepare {text_mb:.0} MB (rep {rep}): kiln {:.1} MB/s, python {:.1} MB/s", last(&kiln_mbs), last(&py_mbs));
+    }
+    let label = format!("prepare {text_mb:.0} MB of text as jsonl + parquet ({on_disk:.0} MB on disk), {vocab}-token BPE, 2 threads");
+    rows.push(Row {
+        benchmark: label.clone(),
+        kiln: median(kiln_mbs),
+        reference: reference("nanoGPT-style Python (HF tokenizers encode_batch, numpy tofile)", py_mbs),
+        unit: "MB/s",
+        higher_is_better: true,
+        goal: ">= 2.0x",
+    });
+    rows.push(Row { benchmark: format!("{label}: peak memory"), kiln: median(prep_peak), reference: None, unit: "MB", higher_is_better: false, goal: "" });
+
+    // A run's start on each corpus, both prepared (the demo one untimed here).
+    run_measured(Command::new(kiln_bin).arg("prepare").arg("--config").arg(&demo_cfg), &dir.path().join("prepare.log"))?;
+    let (mut big_secs, mut demo_secs, mut big_peak, mut demo_peak) = (vec![], vec![], vec![], vec![]);
+    for rep in 0..reps {
+        for (cfg, secs, peak) in [(&big_cfg, &mut big_secs, &mut big_peak), (&demo_cfg, &mut demo_secs, &mut demo_peak)] {
+            let out = dir.path().join(format!("run-{rep}-{}", secs.len() + peak.len()));
+            let (s, p) = run_measured(Command::new(kiln_bin).arg("train").arg("--config").arg(cfg).arg("--output-dir").arg(&out), &dir.path().join("train.log"))?;
+            secs.push(s);
+            peak.push(p as f64 / 1e6);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        eprintln!("bench: first step: {text_mb:.0} MB corpus {:.2} s, demo {:.2} s", last(&big_secs), last(&demo_secs));
+    }
+    let demo_mb = std::fs::metadata(repo().join("data/shakespeare.txt"))?.len() as f64 / 1e6;
+    rows.push(Row {
+        benchmark: format!("kiln train to its first step (tiny shape), {text_mb:.0} MB prepared corpus"),
+        kiln: median(big_secs),
+        reference: reference(format!("the {demo_mb:.0} MB demo corpus"), demo_secs),
+        unit: "s",
+        higher_is_better: false,
+        goal: "about 1.0x",
+    });
+    rows.push(Row {
+        benchmark: format!("kiln train to its first step: peak memory, {text_mb:.0} MB prepared corpus"),
+        kiln: median(big_peak),
+        reference: reference(format!("the {demo_mb:.0} MB demo corpus"), demo_peak),
+        unit: "MB",
+        higher_is_better: false,
+        goal: "within 100 MB",
+    });
+
+    // The loader's share of a step on the small shape: serving batches from the big corpus's
+    // maps against a training step's time.
+    let prepared = kiln::prepare::find(&big.data, &TokenizerChoice::from_config(&big.data)?)?.context("prepared above")?;
+    let corpus = Arc::new(kiln::data::Corpus::new(kiln::dataset::Dataset::open(&prepared)?, None, 0.1, SMALL.seq_len)?);
+    let mut loader = kiln::data::TrainLoader::new(corpus, SMALL.seq_len, SMALL.batch, 1)?;
+    let batches = if quick { 50 } else { 500 };
+    let start = Instant::now();
+    for _ in 0..batches {
+        std::hint::black_box(loader.next_batch().context("an epoch longer than the benchmark")?);
+    }
+    let per_batch = start.elapsed().as_secs_f64() / batches as f64;
+    let (tokens_per_sec, _) = kiln_train(SMALL, BackendKind::Flex, 1, if quick { 2 } else { 5 })?;
+    let step = (SMALL.batch * SMALL.seq_len) as f64 / tokens_per_sec;
+    eprintln!("bench: loading {:.1} us per batch against a {:.0} ms step (eos {eos:?})", per_batch * 1e6, step * 1e3);
+    rows.push(Row {
+        benchmark: format!("loading a batch (small shape b{}x{}, {text_mb:.0} MB corpus) against a training step", SMALL.batch, SMALL.seq_len),
+        kiln: 100.0 * per_batch / step,
+        reference: None,
+        unit: "% of a step",
+        higher_is_better: false,
+        goal: "< 1%",
+    });
+    Ok(())
+}
+
 fn print_table(rows: &[Row]) {
     println!("| benchmark | kiln | reference | ratio | goal |");
     println!("| --- | ---: | --- | ---: | --- |");
     for r in rows {
-        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else if v >= 0.01 || v == 0.0 { format!("{v:.2}") } else { format!("{v:.1e}") };
         let (reference, ratio) = match &r.reference {
             Some((name, v)) => {
                 let ratio = if r.higher_is_better { r.kiln / v } else { r.kiln / v };
@@ -574,7 +740,7 @@ fn main() -> Result<()> {
     REFERENCES.store(!flag("--kiln-only"), Ordering::Relaxed);
     // The GPU section trains a 124M model: only on request, and only where a real GPU is
     // (on a CPU Vulkan driver such as lavapipe it would run for hours).
-    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate".into());
+    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate,data".into());
     let wants = |s: &str| only.split(',').any(|o| o == s);
     // Both sides run on two threads, the machine size these figures are meant for.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -594,6 +760,9 @@ fn main() -> Result<()> {
     if wants("generate") {
         generate_section(&mut rows, reps)?;
     }
+    if wants("data") {
+        data_section(&mut rows, reps, smoke, quick)?;
+    }
     if wants("gpu") || wants("gpu-train") {
         gpu_train_section(&mut rows, reps)?;
     }
@@ -610,7 +779,7 @@ fn main() -> Result<()> {
 /// The smoke test's verdict: each CPU section gave its rows, and every figure, kiln's and the
 /// references', is a measurement (finite and positive; the memory row may be zero).
 fn check_smoke(rows: &[Row]) -> Result<()> {
-    for section in ["train ", "checkpoint ", "training thread blocked", "generate "] {
+    for section in ["train ", "checkpoint ", "training thread blocked", "generate ", "prepare ", "kiln train to its first step", "loading a batch"] {
         anyhow::ensure!(rows.iter().any(|r| r.benchmark.starts_with(section)), "smoke test: no `{section}` rows");
     }
     for r in rows {
