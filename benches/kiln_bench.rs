@@ -540,20 +540,29 @@ fn gpu_stall_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
 }
 
 /// A child process's wall time and peak resident memory (bytes), its output kept in `log`.
+/// The peak is the child's own `VmHWM`, read every 5 ms while it runs: `wait4`'s `ru_maxrss`
+/// would also count this process's memory, which a spawned child shares until it execs.
 fn run_measured(cmd: &mut Command, log: &Path) -> Result<(f64, u64)> {
     let out = std::fs::File::create(log)?;
     let start = Instant::now();
-    let child = cmd.stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
-    let mut status = 0;
-    // SAFETY: `rusage` is plain data, and wait4 only writes it and `status` for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let mut child = cmd.stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let status = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()) {
+            peak = peak.max(kb * 1024);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
     let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(pid == child.id() as libc::pid_t, "wait4 failed: {}", std::io::Error::last_os_error());
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    if !status.success() {
         bail!("{cmd:?} failed:\n{}", std::fs::read_to_string(log).unwrap_or_default());
     }
-    Ok((secs, usage.ru_maxrss as u64 * 1024))
+    Ok((secs, peak))
 }
 
 /// The prepared data path: `kiln prepare` against nanoGPT-style Python on the same jsonl and

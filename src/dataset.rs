@@ -276,27 +276,16 @@ fn verify(file: &File, entry: &ShardEntry, manifest: &Manifest) -> std::result::
     let mut sha = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut reader = file;
-    loop {
-        // Fill whole ids: the buffer's length is a multiple of every id width.
-        let mut n = 0;
-        while n < buf.len() {
-            match reader.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Verify::Io(e)),
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        if let Some(id) = first_id_outside(&buf[..n], manifest.dtype, manifest.vocab_size) {
+    // The size was checked against the manifest: whole ids, `left` bytes of them.
+    let mut left = entry.num_tokens as usize * manifest.dtype.width();
+    while left > 0 {
+        let chunk = &mut buf[..left.min(4 << 20)];
+        reader.read_exact(chunk).map_err(Verify::Io)?;
+        sha.update(&*chunk);
+        if let Some(id) = first_id_outside(chunk, manifest.dtype, manifest.vocab_size) {
             return Err(Verify::Id(id));
         }
-        if n < buf.len() {
-            break;
-        }
+        left -= chunk.len();
     }
     if hex(&sha.finalize()) != entry.sha256 { Err(Verify::Digest) } else { Ok(()) }
 }
