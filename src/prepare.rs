@@ -30,6 +30,11 @@ use crate::safetensors_io::hex;
 use crate::sources::{self, DocumentReader, FileStamp, Skipped, Text};
 use crate::tokenizer::KilnTokenizer;
 
+/// Changes whenever a fix changes the ids kiln writes for the same text and tokenizer, so
+/// that datasets prepared before it are prepared again rather than reused (2: chunks and text
+/// pieces are cut only after a newline standing alone between non-space characters).
+const ENCODING_VERSION: u32 = 2;
+
 /// Documents are tokenized in parallel in batches of about this many bytes.
 const BATCH_BYTES: usize = 8 << 20;
 
@@ -104,6 +109,7 @@ fn plan(data: &DataConfig, choice: &TokenizerChoice) -> Result<Plan> {
     };
     let key_json = json!({
         "format_version": FORMAT_VERSION,
+        "encoding": ENCODING_VERSION,
         "sources": sources.iter().map(source_key).collect::<Vec<_>>(),
         "tokenizer": tokenizer,
         "skip_bad_records": data.skip_bad_records,
