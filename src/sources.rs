@@ -345,7 +345,7 @@ fn read_text_pieces(mut reader: impl Read, path: &Path, bytes: usize, mut each: 
             let text = String::from_utf8(buf).map_err(|_| anyhow!("{} changed while it was read", path.display()))?;
             return each(Text::whole(text));
         }
-        // The whole characters read so far, and the last place past `bytes` to cut them.
+        // The whole characters read so far, and the first place past those looked at to cut them.
         let valid = match std::str::from_utf8(&buf) {
             Ok(s) => s,
             Err(e) => std::str::from_utf8(&buf[..e.valid_up_to()]).expect("valid up to there"),
