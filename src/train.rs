@@ -834,6 +834,11 @@ fn prepared_dataset(data: &DataConfig, configured: &TokenizerChoice, given: Opti
 /// Takes the run's lock file, so that two trainers never interleave checkpoints in one
 /// directory. The OS releases the lock when the process dies, however it dies.
 fn lock_output_dir(out: &Path) -> Result<File> {
+    // A lock just released can still look held for a moment: a child process that another
+    // thread of this process is starting inherits a copy of the descriptor (and so the lock)
+    // until it reaches `exec`, which closes it. A trainer that really holds the directory
+    // holds it far longer than this grace period.
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
     let path = out.join(".kiln.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -841,16 +846,22 @@ fn lock_output_dir(out: &Path) -> Result<File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot create lock file {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another kiln process is training in {} (it holds {}); wait for it to finish or \
-             choose another output_dir",
-            out.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+    let started = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < GRACE => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "another kiln process is training in {} (it holds {}); wait for it to finish \
+                 or choose another output_dir",
+                out.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
         }
     }
 }

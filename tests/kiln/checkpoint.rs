@@ -270,6 +270,41 @@ fn a_second_trainer_on_the_same_directory_is_refused() {
     Learner::new(config).unwrap();
 }
 
+/// A child process being started by another thread holds a copy of every open descriptor,
+/// the run's lock among them, until it execs. Here one holds it on for 300 ms after the
+/// trainer is dropped, as a slow `exec` on a loaded machine would: the next trainer waits for
+/// it rather than refusing a directory nobody trains in.
+#[test]
+fn a_lock_held_on_by_a_starting_child_process_is_waited_for() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = short_epoch_config(dir.path());
+    let first = Learner::new(config.clone()).unwrap();
+    let lock_path = config.output_dir.join(".kiln.lock").canonicalize().unwrap();
+    let fd: i32 = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|target| target == lock_path))
+        .map(|e| e.file_name().to_str().unwrap().parse().unwrap())
+        .expect("the learner holds its lock file open");
+    let mut command = std::process::Command::new("sleep");
+    command.arg("0.3");
+    // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on the lock's descriptor.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(first);
+    let second = Learner::new(config.clone());
+    child.wait().unwrap();
+    second.unwrap();
+}
+
 #[test]
 fn a_fresh_run_refuses_a_directory_with_another_runs_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
