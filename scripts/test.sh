@@ -3,6 +3,9 @@
 #
 # - Mesa's lavapipe, a Vulkan driver that runs on the CPU, for the wgpu test (Debian's
 #   `mesa-vulkan-drivers`; needs root or sudo, skipped when a lavapipe is installed already).
+# - The LLVM that the cuda backend builds against (`scripts/setup-cuda.sh`, from PyPI): the
+#   tests are built with `cuda` too, so that it is compiled in the same single build (there is
+#   no GPU here to run it; its tests check the errors it gives without one).
 # - A Python virtual environment (`.venv`, or $KILN_TEST_VENV) with torch, transformers,
 #   safetensors, tokenizers (the references the compatibility tests compare kiln with) and
 #   pyarrow (which writes the parquet sources the dataset tests prepare). It
@@ -36,4 +39,6 @@ fi
 # The tests run `python3`: this environment's.
 export PATH="$(cd "$venv" && pwd)/bin:$PATH"
 
-exec cargo test --release --locked --features wgpu "$@"
+bash scripts/setup-cuda.sh
+
+exec cargo test --release --locked --features wgpu,cuda "$@"

@@ -34,6 +34,7 @@ fn wgpu_device() -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device> {
+    crate::cuda_check::check()?;
     let device = Device::cuda(0);
     probe(&device, "cuda")?;
     Ok(device)
@@ -74,6 +75,11 @@ fn cuda_device() -> Result<Device> {
 /// example) applies first thing in `main`, before anything else runs.
 pub fn tune_process() {
     keep_freed_memory();
+    #[cfg(feature = "cuda")]
+    // SAFETY: this runs first thing in `main`, before any other thread exists.
+    unsafe {
+        crate::cuda_check::use_kiln_libdevice_if_needed();
+    }
     join_thread_pool();
 }
 

@@ -2,7 +2,8 @@
 //! with checkpoints you can trust and exports in Hugging Face's formats.
 //!
 //! One module per concern:
-//! - run set-up: `config` (the TOML run config), `backend` (device selection), `cli`;
+//! - run set-up: `config` (the TOML run config), `backend` (device selection), `cuda_check`
+//!   (what the cuda backend needs on the machine), `cli`;
 //! - data: `tokenizer`, `data` (splits and batch order);
 //! - the network: `model` (one file per architecture, and the ops they are written in),
 //!   `params` (parameters by Hugging Face name), `fused`
@@ -21,6 +22,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda_check;
 pub mod data;
 pub mod dataset;
 pub mod ema;

@@ -12,6 +12,8 @@ mod tokenizer;
 mod training;
 #[cfg(feature = "wgpu")]
 mod wgpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod checkpoint;
 mod crash;
 mod hostile;
