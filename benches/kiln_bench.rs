@@ -24,7 +24,7 @@ use kiln::checkpoint::policy::Kind;
 use kiln::checkpoint::storage::LocalFs;
 use kiln::checkpoint::sidecar::CheckpointPaths;
 use kiln::checkpoint::{self, CheckpointManager};
-use kiln::config::{BackendKind, Config};
+use kiln::config::{BackendKind, Config, Precision};
 use kiln::generate::{SamplingOptions, generate_ids};
 use kiln::model::{CausalLm, LlamaForCausalLM};
 use kiln::train::Learner;
@@ -72,6 +72,11 @@ fn repo() -> PathBuf {
 }
 
 fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
+    config_in(shape, backend, Precision::Fp32, out)
+}
+
+/// `config` training in `precision`.
+fn config_in(shape: Shape, backend: BackendKind, precision: Precision, out: &Path) -> Result<Config> {
     let tokenizer = match shape.bpe_vocab {
         Some(vocab) => format!("tokenizer = \"bpe\"\nvocab_size = {vocab}\n"),
         None => String::new(),
@@ -79,7 +84,7 @@ fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
     let text = format!(
         "output_dir = {out:?}\n[model]\nhidden_size = {}\nnum_layers = {}\nnum_heads = {}\nnum_kv_heads = {}\n\
          intermediate_size = {}\nmax_position_embeddings = {}\n[data]\npath = {:?}\ncache_dir = {:?}\nseq_len = {}\n{tokenizer}\
-         [training]\nbackend = \"{}\"\nbatch_size = {}\nmax_steps = 100000\neval_batches = 1\n\
+         [training]\nbackend = \"{}\"\nprecision = \"{}\"\nbatch_size = {}\nmax_steps = 100000\neval_batches = 1\n\
          [checkpoint]\nsave_every_steps = 0\nsave_every_epochs = 0\n[export]\non_best = false\nat_end = false\n",
         shape.hidden,
         shape.layers,
@@ -91,6 +96,7 @@ fn config(shape: Shape, backend: BackendKind, out: &Path) -> Result<Config> {
         out.join("cache"),
         shape.seq_len,
         backend.name(),
+        precision.name(),
         shape.batch,
     );
     Ok(Config::from_toml_str(&text, "benchmark config", &[])?)
@@ -165,8 +171,13 @@ fn torch_shape_args(shape: Shape, vocab: usize) -> Vec<String> {
 
 /// kiln's training throughput (tokens/s) over `steps` steps after `warmup`.
 fn kiln_train(shape: Shape, backend: BackendKind, warmup: usize, steps: usize) -> Result<(f64, usize)> {
+    kiln_train_in(shape, backend, Precision::Fp32, warmup, steps)
+}
+
+/// `kiln_train` in `precision`.
+fn kiln_train_in(shape: Shape, backend: BackendKind, precision: Precision, warmup: usize, steps: usize) -> Result<(f64, usize)> {
     let dir = tempfile::tempdir()?;
-    let mut learner = Learner::new(config(shape, backend, dir.path())?)?;
+    let mut learner = Learner::new(config_in(shape, backend, precision, dir.path())?)?;
     let vocab = learner.arch.vocab_size();
     let batches: Vec<_> = (0..warmup + steps).map(|_| learner.loader.next_batch().expect("a long epoch")).collect();
     for b in &batches[..warmup] {
@@ -493,38 +504,54 @@ fn gpu_backends() -> Result<Vec<BackendKind>> {
     Ok(backends)
 }
 
+/// Training throughput on each GPU backend in fp32 and, where the backend computes in it,
+/// bf16, against PyTorch eager in the same precision (bf16: autocast, SDPA attention).
 fn gpu_train_section(rows: &mut Vec<Row>, reps: usize) -> Result<()> {
-    let (shape, backends) = (GPT2_SMALL, gpu_backends()?);
+    let (shape, available) = (GPT2_SMALL, gpu_backends()?);
     let (warmup, steps) = (3, 10);
-    let mut ours = vec![Vec::new(); backends.len()];
-    let (mut torch, mut gpu_name) = (Vec::new(), String::new());
-    for _ in 0..reps {
-        let mut vocab = 0;
-        for (values, &backend) in ours.iter_mut().zip(&backends) {
-            let (tokens_per_sec, v) = kiln_train(shape, backend, warmup, steps)?;
-            values.push(tokens_per_sec);
-            vocab = v;
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        // wgpu's WGSL has no bf16 type (README, How training works).
+        let backends: Vec<BackendKind> =
+            available.iter().copied().filter(|&b| precision == Precision::Fp32 || b == BackendKind::Cuda).collect();
+        if backends.is_empty() {
+            eprintln!("bench: gpu train {}: no backend of this build computes in it here", precision.name());
+            continue;
         }
-        let mut args = vec!["train".to_string()];
-        args.extend(torch_shape_args(shape, vocab));
-        args.extend(["--steps".into(), steps.to_string(), "--warmup".into(), warmup.to_string(), "--device".into(), "cuda".into()]);
-        if let Some(reply) = python(&args)? {
-            torch.push(reply["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
-            gpu_name = format!("{}, torch {}", reply["device"].as_str().unwrap_or("?"), reply["torch"].as_str().unwrap_or("?"));
+        let mut ours = vec![Vec::new(); backends.len()];
+        let (mut torch, mut gpu_name) = (Vec::new(), String::new());
+        for _ in 0..reps {
+            let mut vocab = 0;
+            for (values, &backend) in ours.iter_mut().zip(&backends) {
+                let (tokens_per_sec, v) = kiln_train_in(shape, backend, precision, warmup, steps)?;
+                values.push(tokens_per_sec);
+                vocab = v;
+            }
+            let mut args = vec!["train".to_string()];
+            args.extend(torch_shape_args(shape, vocab));
+            args.extend(["--steps".into(), steps.to_string(), "--warmup".into(), warmup.to_string(), "--device".into(), "cuda".into()]);
+            args.extend(["--precision".into(), precision.name().into()]);
+            if let Some(reply) = python(&args)? {
+                torch.push(reply["tokens_per_sec"].as_f64().unwrap_or(f64::NAN));
+                gpu_name = format!("{}, torch {}", reply["device"].as_str().unwrap_or("?"), reply["torch"].as_str().unwrap_or("?"));
+            }
+            let kiln: Vec<String> = ours.iter().zip(&backends).map(|(v, b)| format!("{} {:.0}", b.name(), last(v))).collect();
+            eprintln!("bench: gpu train {} {}: kiln {}, torch cuda {:.0} tok/s", shape.name, precision.name(), kiln.join(", "), last(&torch));
         }
-        let kiln: Vec<String> = ours.iter().zip(&backends).map(|(v, b)| format!("{} {:.0}", b.name(), last(v))).collect();
-        eprintln!("bench: gpu train {}: kiln {}, torch cuda {:.0} tok/s", shape.name, kiln.join(", "), last(&torch));
-    }
-    let torch = reference(format!("PyTorch eager fp32 on CUDA ({gpu_name})"), torch);
-    for (values, &backend) in ours.into_iter().zip(&backends) {
-        rows.push(Row {
-            benchmark: format!("train {} b{}x{} on {}", shape.name, shape.batch, shape.seq_len, backend.name()),
-            kiln: median(values),
-            reference: torch.clone(),
-            unit: "tok/s",
-            higher_is_better: true,
-            goal: ">= 1.0x",
-        });
+        let label = match precision {
+            Precision::Fp32 => "PyTorch eager fp32",
+            _ => "PyTorch eager bf16 (autocast, SDPA)",
+        };
+        let torch = reference(format!("{label} on CUDA ({gpu_name})"), torch);
+        for (values, &backend) in ours.into_iter().zip(&backends) {
+            rows.push(Row {
+                benchmark: format!("train {} b{}x{} {} on {}", shape.name, shape.batch, shape.seq_len, precision.name(), backend.name()),
+                kiln: median(values),
+                reference: torch.clone(),
+                unit: "tok/s",
+                higher_is_better: true,
+                goal: ">= 1.0x",
+            });
+        }
     }
     Ok(())
 }

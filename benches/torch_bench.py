@@ -4,8 +4,9 @@
 Each subcommand runs one measurement and prints one JSON line. The Rust harness calls it in
 alternation with kiln's own measurements, so both see the same machine state.
 
-  train     tokens/s of LlamaForCausalLM + AdamW (eager, float32) on the given shape, on the CPU
-            or (--device cuda) a GPU
+  train     tokens/s of LlamaForCausalLM + AdamW (eager, float32, or --precision bf16: autocast
+            with fp32 master weights, as kiln's training.precision) on the given shape, on the
+            CPU or (--device cuda) a GPU
   save      seconds for safetensors save_file (+ fsync) of the tensors of a file set
   load      seconds for safetensors load_file of a file set into torch tensors
   generate  tokens/s of transformers generate (greedy, KV cache)
@@ -60,9 +61,16 @@ def train(args):
         for _ in range(args.warmup + args.steps)
     ]
 
+    def autocast():
+        if args.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     def step(b):
-        out = model(input_ids=b[:, :-1], labels=None)
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, args.vocab), b[:, 1:].reshape(-1))
+        with autocast():
+            out = model(input_ids=b[:, :-1], labels=None)
+            logits = out.logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, args.vocab), b[:, 1:].reshape(-1))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,6 +151,7 @@ def main():
     p.add_argument("command", choices=["train", "save", "load", "generate"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (train only)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="train: autocast to bf16")
     p.add_argument("--profile", action="store_true", help="train: print torch.profiler's table to stderr")
     p.add_argument("--vocab", type=int, default=84)
     p.add_argument("--hidden", type=int, default=128)

@@ -65,6 +65,14 @@ pub struct ExportArgs {
     /// Shard the weights past this size ("500MB", "2GB", or bytes); defaults to the run's.
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
+    /// The weights' dtype: float32, bfloat16 or float16 (bf16, fp16); defaults to the run's
+    /// `export.dtype`.
+    #[arg(long, value_name = "DTYPE", value_parser = parse_export_dtype)]
+    pub dtype: Option<crate::config::ExportDtype>,
+}
+
+fn parse_export_dtype(s: &str) -> Result<crate::config::ExportDtype, String> {
+    crate::config::ExportDtype::parse(s).ok_or_else(|| format!("unknown dtype `{s}`; expected float32, bfloat16 or float16"))
 }
 
 /// How to load a model directory.
@@ -317,7 +325,8 @@ fn export(args: ExportArgs) -> Result<()> {
                 .join(format!("model_{version}_step{}", ck.sidecar.global_step))
         }
     };
-    let report = crate::export::export_checkpoint(&ck, &out, max_shard)?;
+    let dtype = args.dtype.unwrap_or(config.export.dtype);
+    let report = crate::export::export_checkpoint(&ck, &out, max_shard, dtype)?;
     println!(
         "exported {} (step {}) to {} ({} weight file{})",
         ck.sidecar.name,

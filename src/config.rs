@@ -56,6 +56,42 @@ pub struct ExportConfig {
     pub on_best: bool,
     /// Export `model_<version>_final` when training ends.
     pub at_end: bool,
+    /// The dtype of the bundle's weights (`torch_dtype` in its `config.json`); checkpoints stay
+    /// fp32 whatever it is.
+    pub dtype: ExportDtype,
+}
+
+/// A bundle's weight dtype, named as `config.json`'s `torch_dtype` (`bf16`/`fp16` accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportDtype {
+    #[default]
+    #[serde(alias = "fp32", alias = "f32")]
+    Float32,
+    #[serde(alias = "bf16")]
+    Bfloat16,
+    #[serde(alias = "fp16", alias = "f16")]
+    Float16,
+}
+
+impl ExportDtype {
+    /// The `torch_dtype` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportDtype::Float32 => "float32",
+            ExportDtype::Bfloat16 => "bfloat16",
+            ExportDtype::Float16 => "float16",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "float32" | "fp32" | "f32" => Some(Self::Float32),
+            "bfloat16" | "bf16" => Some(Self::Bfloat16),
+            "float16" | "fp16" | "f16" => Some(Self::Float16),
+            _ => None,
+        }
+    }
 }
 
 /// The architecture trained from scratch; shape keys follow Hugging Face `LlamaConfig`.
@@ -253,10 +289,43 @@ impl BackendKind {
     }
 }
 
+/// The float type a training step computes in (`training.precision`). Master weights, AdamW
+/// moments, gradients, clipping and the loss stay fp32 whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    /// The dtype of the forward and backward passes.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        use burn::tensor::FloatDType;
+        match self {
+            Precision::Fp32 => FloatDType::F32,
+            Precision::Bf16 => FloatDType::BF16,
+            Precision::Fp16 => FloatDType::F16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     pub backend: BackendKind,
+    /// What the forward and backward passes compute in: `fp32`, `bf16` or `fp16`.
+    pub precision: Precision,
     pub seed: u64,
     pub batch_size: usize,
     /// Stop after this many optimizer steps (whichever of `max_steps` and `epochs` comes first).
@@ -353,6 +422,7 @@ impl Default for ExportConfig {
             max_shard_size: "2GB".to_string(),
             on_best: true,
             at_end: true,
+            dtype: ExportDtype::Float32,
         }
     }
 }
@@ -414,6 +484,7 @@ impl Default for TrainingConfig {
     fn default() -> Self {
         Self {
             backend: BackendKind::Flex,
+            precision: Precision::Fp32,
             seed: 1337,
             batch_size: 16,
             max_steps: 2000,

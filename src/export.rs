@@ -13,6 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::checkpoint::storage::{LocalFs, Storage, parent, write_atomic};
+use crate::config::ExportDtype;
 use crate::model::ArchConfig;
 use crate::safetensors_io::{PendingTensor, write_to};
 use crate::tokenizer::KilnTokenizer;
@@ -32,6 +33,8 @@ pub struct Bundle {
     pub training_metadata: Value,
     /// The run's loss curve, copied into the bundle and shown in the model card.
     pub loss_curve_svg: Option<String>,
+    /// The weights' dtype, written as `torch_dtype`.
+    pub dtype: ExportDtype,
 }
 
 /// Parses a shard size as Hugging Face does: decimal units (`"500MB"`, `"2GB"`), binary units
@@ -201,7 +204,9 @@ fn fill(
         Ok(())
     };
     let arch = bundle.arch.clone();
-    put(&mut files, "config.json", &pretty(&config_json(&arch, &bundle.tokenizer)))?;
+    let mut config = config_json(&arch, &bundle.tokenizer);
+    config["torch_dtype"] = Value::from(bundle.dtype.name());
+    put(&mut files, "config.json", &pretty(&config))?;
     put(&mut files, "generation_config.json", &pretty(&generation_config_json(&bundle.tokenizer)))?;
     put(&mut files, "tokenizer.json", bundle.tokenizer.to_json()?.as_bytes())?;
     put(&mut files, "tokenizer_config.json", &pretty(&tokenizer_config_json(&arch, &bundle.tokenizer)))?;
@@ -458,6 +463,7 @@ pub fn export_checkpoint(
     ck: &crate::checkpoint::LoadedCheckpoint,
     dir: &Path,
     max_shard_size: u64,
+    dtype: ExportDtype,
 ) -> Result<ExportReport> {
     let s = &ck.sidecar;
     let tokenizer = KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone())?;
@@ -469,7 +475,8 @@ pub fn export_checkpoint(
             bail!("{}: `{name}` is {:?}; kiln checkpoints hold F32", ck.paths.weights.display(), info.dtype);
         }
         let bytes = ck.weights.read_bytes(info)?;
-        tensors.push(PendingTensor::from_bytes(name, info.dtype, info.shape.clone(), bytes));
+        let (dtype, bytes) = narrow(&bytes, dtype);
+        tensors.push(PendingTensor::from_bytes(name, dtype, info.shape.clone(), bytes));
     }
     let bundle_name = dir
         .file_name()
@@ -481,6 +488,23 @@ pub fn export_checkpoint(
         tokenizer,
         training_metadata: training_metadata(s, &bundle_name),
         loss_curve_svg: crate::plot::loss_curve_svg(&s.metrics_history, &format!("{bundle_name}: loss curve")),
+        dtype,
     };
     write_bundle(dir, bundle, max_shard_size)
+}
+
+/// Little-endian f32 bytes as `dtype`, rounded to nearest even as PyTorch's `.to()` does.
+fn narrow(f32_bytes: &[u8], dtype: ExportDtype) -> (safetensors::Dtype, Vec<u8>) {
+    let values = f32_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    match dtype {
+        ExportDtype::Float32 => (safetensors::Dtype::F32, f32_bytes.to_vec()),
+        ExportDtype::Bfloat16 => (
+            safetensors::Dtype::BF16,
+            values.flat_map(|v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        ),
+        ExportDtype::Float16 => (
+            safetensors::Dtype::F16,
+            values.flat_map(|v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        ),
+    }
 }

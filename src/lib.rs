@@ -9,7 +9,8 @@
 //!   `params` (parameters by Hugging Face name), `fused`
 //!   (fused CPU kernels with hand-written backward passes, used on Flex and ndarray);
 //! - training: `train` (the `Learner` loop), `resume` (a checkpoint read back into a run),
-//!   `optim` (AdamW and clipping), `schedule` (learning rate), `ema`, `metrics`, `plot`;
+//!   `optim` (AdamW and clipping), `loss_scale` (fp16's dynamic loss scaling), `schedule`
+//!   (learning rate), `ema`, `metrics`, `plot`;
 //! - files: `safetensors_io`, `checkpoint` (the CheckpointManager), `export` (the ModelSaver),
 //!   `pretrained` (loading Hugging Face directories), `inspect`,
 //!   `pytorch` (`pytorch_model.bin`/`.pt`/`.pth`, read without running their pickle), `convert`;
@@ -32,6 +33,7 @@ pub mod export;
 pub mod fused;
 pub mod generate;
 pub mod inspect;
+pub mod loss_scale;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -22,6 +22,12 @@ pub struct MetricRecord {
     pub tokens_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grad_norm: Option<f64>,
+    /// fp16 runs: the loss scale at the end of the window, and the steps it skipped for
+    /// overflowing gradients (see `loss_scale`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skipped_steps: Option<u64>,
 }
 
 /// Appends records to `metrics.jsonl` (flushed per line, so a crash loses at most the line

@@ -148,20 +148,26 @@ fn composed_adamw(theta: Tensor<1>, grad: Tensor<1>, moments: Option<Moments>, s
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`). Returns the norm before clipping.
 pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let mut squares = SquaredNorm {
-        grads,
-        total: None,
-    };
-    module.visit(&mut squares);
-    let Some(total) = squares.total else {
-        return 0.0;
-    };
-    let norm = (total.into_scalar::<f32>() as f64).sqrt();
+    let norm = grad_norm(module, grads);
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        module.visit(&mut Scale { grads, scale });
+        scale_grads(module, grads, max_norm / (norm + 1e-6));
     }
     norm
+}
+
+/// The global L2 norm of `grads` (inf or NaN when any gradient is).
+pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    let mut squares = SquaredNorm { grads, total: None };
+    module.visit(&mut squares);
+    match squares.total {
+        Some(total) => (total.into_scalar::<f32>() as f64).sqrt(),
+        None => 0.0,
+    }
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
+    module.visit(&mut Scale { grads, scale: factor });
 }
 
 struct SquaredNorm<'a> {

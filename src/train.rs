@@ -27,7 +27,7 @@ use crate::checkpoint::sidecar::{
 };
 use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
-use crate::config::{Config, DataConfig, Metric};
+use crate::config::{BackendKind, Config, DataConfig, Metric, Precision};
 use crate::data::{Batch, Corpus, DataPosition, TrainLoader, validation_batches};
 use crate::dataset::{Dataset, TOKENIZER_FILE};
 use crate::prepare::{self, TokenizerChoice};
@@ -35,6 +35,7 @@ use crate::ema::Ema;
 use crate::metrics::{MetricRecord, MetricsLog};
 use crate::model::{ArchConfig, CausalLm, HfLayout, LanguageModel};
 use crate::pretrained::{self, LoadOptions};
+use crate::loss_scale::LossScale;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::params::{self, pending};
 use crate::plot::loss_curve_svg;
@@ -116,6 +117,8 @@ pub struct Learner {
     pub progress: bool,
     /// Behave as if interrupted once this step completes (tests and tooling).
     pub stop_after_step: Option<usize>,
+    /// fp16's dynamic loss scale (`None` in fp32 and bf16, whose range needs none).
+    pub loss_scale: Option<LossScale>,
     /// Mean training loss over the most recent log window.
     last_train_loss: Option<f64>,
     /// Losses of the steps since the last `metrics.jsonl` line (saved in checkpoints, so a
@@ -176,7 +179,9 @@ impl Learner {
         };
 
         let t = &config.training;
-        let device = backend::device(t.backend)?.autodiff();
+        let device = backend::device(t.backend)?;
+        check_precision(t.precision, t.backend, &device)?;
+        let device = device.autodiff();
         // Fine-tuning starts from a pretrained directory's weights, architecture and tokenizer.
         let pretrained = match (&resume, &config.model.init_from) {
             (None, Some(dir)) => {
@@ -251,6 +256,7 @@ impl Learner {
             }
             None => (model, None),
         };
+        let model = model.with_compute_dtype(t.precision.dtype());
 
         std::fs::write(out.join("config.toml"), config.to_toml_string())
             .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
@@ -282,6 +288,7 @@ impl Learner {
         };
         let tokenizer_json = serde_json::from_str(&tokenizer.to_json()?)
             .context("the tokenizer's own JSON does not parse")?;
+        let loss_scale = (t.precision == Precision::Fp16).then(LossScale::default);
         let mut learner = Self {
             config,
             tokenizer,
@@ -300,6 +307,7 @@ impl Learner {
             checkpoints,
             progress: false,
             stop_after_step: None,
+            loss_scale,
             last_train_loss: None,
             window: LogWindow::new(),
             data_sha256,
@@ -356,9 +364,29 @@ impl Learner {
                 self.step + 1
             );
         }
-        let grads = GradientsParams::from_grads(loss.backward(), self.model());
-        let grad_norm = self.apply_gradients(grads);
-        Ok((loss_value, grad_norm))
+        let Some(scaler) = self.loss_scale else {
+            let grads = GradientsParams::from_grads(loss.backward(), self.model());
+            return Ok((loss_value, self.apply_gradients(grads)));
+        };
+        // fp16: the backward pass runs on the scaled loss; the gradients are unscaled in fp32
+        // before anything reads them, and a step whose gradients overflowed is skipped.
+        let mut grads = GradientsParams::from_grads(loss.mul_scalar(scaler.scale).backward(), self.model());
+        crate::optim::scale_grads(self.model(), &mut grads, 1.0 / scaler.scale);
+        let norm = crate::optim::grad_norm(self.model(), &grads);
+        let scaler = self.loss_scale.as_mut().expect("matched above");
+        if !scaler.update(norm.is_finite()) {
+            tracing::warn!(
+                "step {}: fp16 gradients overflowed at loss scale {}; step skipped, scale now {}",
+                self.step + 1,
+                scaler.scale * 2.0,
+                scaler.scale
+            );
+            // The batch is consumed and the schedule moves on, as with PyTorch's GradScaler;
+            // weights, AdamW's moments and step count, and the EMA are untouched.
+            self.step += 1;
+            return Ok((loss_value, f64::INFINITY));
+        }
+        Ok((loss_value, self.apply_gradients(grads)))
     }
 
     /// Clips `grads`, takes one optimizer step at this step's learning rate, updates the EMA
@@ -473,10 +501,12 @@ impl Learner {
                 continue;
             };
             let lr = self.schedule.lr(self.step);
+            let skipped_before = self.loss_scale.map(|s| s.skipped_steps);
             let (loss, grad_norm) = self.train_step(&batch)?;
+            let skipped = self.loss_scale.map(|s| s.skipped_steps) != skipped_before;
             // A background save that failed stops the run at the next step, not the next save.
             self.checkpoints.poll()?;
-            self.window.add(loss, grad_norm, batch.num_tokens());
+            self.window.add(loss, (!skipped).then_some(grad_norm), batch.num_tokens());
             final_train_loss = Some(loss);
             bar.set_position(self.step as u64);
             bar.set_message(format!(
@@ -486,7 +516,11 @@ impl Learner {
             ));
 
             if self.step % t.log_every_steps == 0 {
-                let record = self.window.take(self.step, self.epoch(), lr);
+                let mut record = self.window.take(self.step, self.epoch(), lr);
+                if let Some(scaler) = &self.loss_scale {
+                    record.loss_scale = Some(scaler.scale);
+                    record.skipped_steps.get_or_insert(0);
+                }
                 self.last_train_loss = record.train_loss;
                 self.metrics.append(record)?;
             }
@@ -646,7 +680,7 @@ impl Learner {
             tracing::warn!("{} exists; kiln never overwrites a bundle, so it is kept as it is", dir.display());
             return Ok(());
         }
-        crate::export::export_checkpoint(ck, dir, max_shard)?;
+        crate::export::export_checkpoint(ck, dir, max_shard, self.config.export.dtype)?;
         self.exported.push(dir.to_path_buf());
         Ok(())
     }
@@ -697,6 +731,7 @@ impl Learner {
                 step: self.optim.step,
             },
             ema_decay: self.ema.as_ref().map(|e| e.decay),
+            loss_scale: self.loss_scale,
             metrics: current,
             best_metric: self.best.map(|b| BestMetricState {
                 name: c.checkpoint.metric,
@@ -747,6 +782,11 @@ impl Learner {
             );
         }
         self.optim.step = s.optimizer.step;
+        // A run resumed in fp16 continues the checkpoint's scale; one that switched to fp16
+        // starts from the initial scale.
+        if self.loss_scale.is_some() {
+            self.loss_scale = Some(s.loss_scale.unwrap_or_default());
+        }
         let position = s.data_position;
         if position.batch_in_epoch > self.loader.batches_per_epoch() {
             bail!(
@@ -831,6 +871,20 @@ fn prepared_dataset(data: &DataConfig, configured: &TokenizerChoice, given: Opti
     Ok(prepare::prepare(data, &choice)?.dir)
 }
 
+/// Refuses a `training.precision` the backend cannot compute in, before anything is prepared.
+fn check_precision(precision: Precision, backend: BackendKind, device: &Device) -> Result<()> {
+    match precision {
+        Precision::Fp32 => Ok(()),
+        _ if device.supports_dtype(precision.dtype()) => Ok(()),
+        _ => bail!(
+            "config key `training.precision`: the {} backend cannot compute in {}; use backend \
+             flex or cuda, or precision \"fp32\"",
+            backend.name(),
+            precision.name()
+        ),
+    }
+}
+
 /// Takes the run's lock file, so that two trainers never interleave checkpoints in one
 /// directory. The OS releases the lock when the process dies, however it dies.
 fn lock_output_dir(out: &Path) -> Result<File> {
@@ -882,6 +936,8 @@ struct LogWindow {
     loss_sum: f64,
     grad_norm_sum: f64,
     steps: usize,
+    /// Steps skipped by fp16 loss scaling, which have no gradient norm.
+    skipped: u64,
     tokens: usize,
     started: Instant,
     excluded: std::time::Duration,
@@ -893,6 +949,7 @@ impl LogWindow {
             loss_sum: 0.0,
             grad_norm_sum: 0.0,
             steps: 0,
+            skipped: 0,
             tokens: 0,
             started: Instant::now(),
             excluded: std::time::Duration::ZERO,
@@ -904,6 +961,7 @@ impl LogWindow {
             loss_sum: state.loss_sum,
             grad_norm_sum: state.grad_norm_sum,
             steps: state.steps,
+            skipped: state.skipped,
             ..Self::new()
         }
     }
@@ -913,6 +971,7 @@ impl LogWindow {
             loss_sum: self.loss_sum,
             grad_norm_sum: self.grad_norm_sum,
             steps: self.steps,
+            skipped: self.skipped,
         }
     }
 
@@ -923,9 +982,13 @@ impl LogWindow {
         self.excluded = std::time::Duration::ZERO;
     }
 
-    fn add(&mut self, loss: f64, grad_norm: f64, tokens: usize) {
+    /// One step's loss and gradient norm (`None`: skipped by fp16 loss scaling).
+    fn add(&mut self, loss: f64, grad_norm: Option<f64>, tokens: usize) {
         self.loss_sum += loss;
-        self.grad_norm_sum += grad_norm;
+        match grad_norm {
+            Some(norm) => self.grad_norm_sum += norm,
+            None => self.skipped += 1,
+        }
         self.steps += 1;
         self.tokens += tokens;
     }
@@ -947,13 +1010,15 @@ impl LogWindow {
 
     fn take(&mut self, step: usize, epoch: usize, lr: f64) -> MetricRecord {
         let n = self.steps.max(1) as f64;
+        let taken = self.steps as u64 - self.skipped;
         let record = MetricRecord {
             step,
             epoch,
             train_loss: Some(self.loss_sum / n),
             lr: Some(lr),
             tokens_per_sec: Some(self.tokens_per_sec()),
-            grad_norm: Some(self.grad_norm_sum / n),
+            grad_norm: (taken > 0).then(|| self.grad_norm_sum / taken as f64),
+            skipped_steps: (self.skipped > 0).then_some(self.skipped),
             ..Default::default()
         };
         *self = Self::new();

@@ -98,6 +98,13 @@ pub struct LogWindowState {
     pub loss_sum: f64,
     pub grad_norm_sum: f64,
     pub steps: usize,
+    /// Of `steps`, those skipped by fp16 loss scaling (not in `grad_norm_sum`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +127,9 @@ pub struct Sidecar {
     pub optimizer: OptimizerState,
     /// EMA decay when the optimizer file carries EMA weights.
     pub ema_decay: Option<f64>,
+    /// fp16 runs' dynamic loss scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::loss_scale::LossScale>,
     /// The most recent value of each metric at save time.
     pub metrics: BTreeMap<String, f64>,
     pub best_metric: Option<BestMetricState>,

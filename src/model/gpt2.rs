@@ -9,7 +9,7 @@
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::ops::{self, DropoutMasks, KvCache, LayerCache, LayerNorm, ParamInit, project};
@@ -165,6 +165,9 @@ pub struct Gpt2LMHeadModel {
     gelu_tanh: bool,
     #[module(skip)]
     max_positions: usize,
+    /// The dtype of the activations (`training.precision`); parameters stay fp32.
+    #[module(skip)]
+    compute: FloatDType,
 }
 
 impl Gpt2Attention {
@@ -225,6 +228,7 @@ impl Gpt2LMHeadModel {
             dropout,
             gelu_tanh: gelu_is_tanh(&c.activation_function).unwrap_or(true),
             max_positions: c.n_positions,
+            compute: FloatDType::F32,
         }
     }
 
@@ -241,6 +245,12 @@ impl Gpt2LMHeadModel {
 
     pub fn dropout(&self) -> f64 {
         self.dropout
+    }
+
+    /// The same model computing in `dtype` (its parameters stay as they are).
+    pub fn with_compute_dtype(mut self, dtype: FloatDType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     pub fn max_positions(&self) -> usize {
@@ -264,7 +274,7 @@ impl Gpt2LMHeadModel {
         let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [1, s]), &device);
         let t = &self.transformer;
         let hidden = t.wte.weight.dims()[1];
-        let x = t.wte.forward(tokens) + t.wpe.forward(positions);
+        let x = (t.wte.forward(tokens) + t.wpe.forward(positions)).cast(self.compute);
         let mut x = ops::drop(&mut dropout, x.reshape([b * s, hidden]));
         for (i, block) in t.h.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);

@@ -11,7 +11,7 @@
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -295,6 +295,9 @@ pub struct LlamaForCausalLM {
     /// The longest context computed exactly ([`LlamaShape::max_context`]).
     #[module(skip)]
     max_context: usize,
+    /// The dtype of the activations (`training.precision`); parameters stay fp32.
+    #[module(skip)]
+    compute: FloatDType,
 }
 
 impl LlamaAttention {
@@ -372,6 +375,7 @@ impl LlamaForCausalLM {
             dropout,
             rope: RotaryTables::new(shape.head_dim(), shape.max_position_embeddings, shape.rope_theta),
             max_context: shape.max_context(),
+            compute: FloatDType::F32,
         }
     }
 
@@ -389,6 +393,12 @@ impl LlamaForCausalLM {
 
     pub fn dropout(&self) -> f64 {
         self.dropout
+    }
+
+    /// The same model computing in `dtype` (its parameters stay as they are).
+    pub fn with_compute_dtype(mut self, dtype: FloatDType) -> Self {
+        self.compute = dtype;
+        self
     }
 
     /// The longest context the model computes exactly.
@@ -415,7 +425,8 @@ impl LlamaForCausalLM {
         // 2-D matmul, and its weight gradient one matmul over all tokens instead of a batch of
         // per-sequence products summed afterwards.
         let hidden = self.model.embed_tokens.weight.dims()[1];
-        let mut x = ops::drop(&mut dropout, self.model.embed_tokens.forward(tokens).reshape([b * s, hidden]));
+        let embedded = self.model.embed_tokens.forward(tokens).reshape([b * s, hidden]).cast(self.compute);
+        let mut x = ops::drop(&mut dropout, embedded);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer

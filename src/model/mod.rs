@@ -16,7 +16,7 @@ pub mod qwen2;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -313,6 +313,15 @@ impl CausalLm {
         match self {
             CausalLm::Llama(m) => CausalLm::Llama(m.with_dropout(dropout)),
             CausalLm::Gpt2(m) => CausalLm::Gpt2(m.with_dropout(dropout)),
+        }
+    }
+
+    /// The same model computing its activations in `dtype` (`training.precision`); the
+    /// parameters stay fp32.
+    pub fn with_compute_dtype(self, dtype: FloatDType) -> Self {
+        match self {
+            CausalLm::Llama(m) => CausalLm::Llama(m.with_compute_dtype(dtype)),
+            CausalLm::Gpt2(m) => CausalLm::Gpt2(m.with_compute_dtype(dtype)),
         }
     }
 }

@@ -2,13 +2,18 @@
 //! causal attention, MLP activations and the loss. Each picks kiln's fused CPU kernel where it
 //! runs (Flex and ndarray, f32; see `fused`) and the composed Burn ops elsewhere, so that the
 //! model files read as the maths.
+//!
+//! Mixed precision (`training.precision`): the activations carry the compute dtype from the
+//! embedding on, and each op casts its fp32 parameters to it where it uses them, so gradients
+//! flow back to fp32 master weights as fp32. Norm statistics and the loss are computed in fp32,
+//! as PyTorch's autocast does. In fp32 every cast is a no-op.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::activation::{gelu, log_softmax, silu, tanh};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -36,7 +41,11 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if fused::available(&x.device(), x.dtype()) {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            return self.forward(x.cast(FloatDType::F32)).cast(dtype);
+        }
+        if fused::available(&x.device(), dtype) {
             return fused::rms_norm(x, self.weight.val(), self.eps);
         }
         let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
@@ -63,6 +72,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            return self.forward(x.cast(FloatDType::F32)).cast(dtype);
+        }
         let mean = x.clone().mean_dim(1);
         let centered = x - mean;
         let var = centered.clone().square().mean_dim(1);
@@ -74,6 +87,14 @@ impl LayerNorm {
 /// `layer` applied to rows of `x`: through the fused product on the CPU backends, with the
 /// bias (Qwen2's q/k/v, GPT-2's every projection) added after it; Burn's `Linear` elsewhere.
 pub fn project(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+    let dtype = x.dtype();
+    if dtype != layer.weight.val().dtype() {
+        let out = x.matmul(layer.weight.val().cast(dtype));
+        return match &layer.bias {
+            Some(bias) => out + bias.val().cast(dtype).unsqueeze(),
+            None => out,
+        };
+    }
     if !fused_here(&x) {
         return layer.forward(x);
     }
@@ -107,7 +128,10 @@ pub fn gelu_act(x: Tensor<2>, tanh_approximation: bool) -> Tensor<2> {
 pub fn output_logits(head: Option<&Linear>, embedding: &Embedding, x: Tensor<2>) -> Tensor<2> {
     match head {
         Some(head) => project(head, x),
-        None => x.matmul(embedding.weight.val().transpose()),
+        None => {
+            let dtype = x.dtype();
+            x.matmul(embedding.weight.val().cast(dtype).transpose())
+        }
     }
 }
 
@@ -136,7 +160,7 @@ pub fn head_loss(head: Option<&Linear>, embedding: &Embedding, x: Tensor<2>, tar
 /// Mean cross-entropy of logits `[b, s, v]` against target ids `[b, s]`.
 pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits.dims();
-    let logits = logits.reshape([b * s, v]);
+    let logits = logits.reshape([b * s, v]).cast(FloatDType::F32);
     if fused::available(&logits.device(), logits.dtype()) {
         return fused::cross_entropy(logits, targets);
     }
@@ -177,7 +201,8 @@ impl DropoutMasks {
             .map(|_| if self.rng.random::<f64>() < keep { scale } else { 0.0 })
             .collect();
         let device = x.device().without_autodiff();
-        x * Tensor::<2>::from_data(TensorData::new(mask, dims), &device)
+        let dtype = x.dtype();
+        x * Tensor::<2>::from_data(TensorData::new(mask, dims), &device).cast(dtype)
     }
 }
 
@@ -277,10 +302,11 @@ impl Rotary {
             return fused::rotary(x, self.cos.clone(), self.sin.clone());
         }
         let [b, s, h, d] = x.dims();
+        let dtype = x.dtype();
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let table = |t: &Tensor<2>| t.clone().reshape([1, s, 1, d]);
+        let table = |t: &Tensor<2>| t.clone().cast(dtype).reshape([1, s, 1, d]);
         x * table(&self.cos) + rotated * table(&self.sin)
     }
 }

@@ -160,6 +160,44 @@ fn kiln_bundles_load_in_transformers_with_the_same_logits_and_tokens() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("never overwrites"));
 }
 
+/// `export.dtype` and `kiln export --dtype`: a bf16 or f16 bundle holds exactly PyTorch's
+/// `.to(dtype)` of the fp32 weights, says so as `torch_dtype`, and loads in transformers in that
+/// dtype with logits within 5% (of the largest logit) of fp32's; the checkpoint stays fp32.
+#[test]
+fn bundles_export_in_the_dtype_asked_and_load_in_transformers_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bf16) = trained_bundle(dir.path(), |c| c.export.dtype = kiln::config::ExportDtype::Bfloat16);
+    let latest = config.checkpoint_dir().join("checkpoint_latest.safetensors");
+    let export = |dtype: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["export", "--checkpoint"])
+            .arg(&latest)
+            .args(["--dtype", dtype, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let (fp32, fp16) = (dir.path().join("fp32"), dir.path().join("fp16"));
+    for (dtype, out) in [("float32", &fp32), ("fp16", &fp16)] {
+        let output = export(dtype, out);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let s = |p: &Path| p.display().to_string();
+    for (bundle, dtype) in [(&bf16, "bfloat16"), (&fp16, "float16")] {
+        let report: Value = serde_json::from_str(python(&["check-dtype", &s(&fp32), &s(bundle), "--dtype", dtype]).trim()).unwrap();
+        assert!(report["max_logit_diff"].as_f64().unwrap() > 0.0, "{dtype}: nothing was narrowed: {report}");
+    }
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(fp32.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["torch_dtype"], "float32");
+    let ck = kiln::checkpoint::load(&latest).unwrap();
+    assert!(ck.weights.tensors().iter().all(|(_, dtype, _, _)| *dtype == safetensors::Dtype::F32));
+
+    let output = export("int8", &dir.path().join("int8"));
+    assert_eq!(output.status.code(), Some(2), "clap refuses an unknown dtype");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown dtype `int8`"));
+    assert!(!dir.path().join("int8").exists());
+}
+
 struct HfCase {
     name: &'static str,
     args: &'static [&'static str],

@@ -115,3 +115,152 @@ fn epochs_bound_the_run_and_early_stopping_stops_it() {
     assert_eq!(best.step, 5);
     assert_eq!(summary.steps, 15);
 }
+
+/// `training.precision = "bf16"` on flex: Burn's ops in bf16 over fp32 master weights. bf16
+/// keeps 8 significant bits, so a run follows the fp32 run to rounding, not exactly: over 30
+/// steps of the tiny config every logged loss (training and validation) stays within 3% of
+/// fp32's, the loss falls as fp32's does, and yet the weights differ (bf16 really ran). A bf16
+/// run stopped and resumed ends bit for bit where the uninterrupted one did: checkpoints hold
+/// the fp32 weights and moments, and the bf16 steps are deterministic on the CPU.
+#[test]
+fn bf16_training_follows_fp32_and_resumes_bit_exact() {
+    use kiln::config::Precision;
+    let losses = |out: &std::path::Path| -> Vec<f64> {
+        read_jsonl(&out.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.train_loss.or(r.val_loss)).collect()
+    };
+    let run = |precision: Precision, stop: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.training.precision = precision;
+        config.checkpoint.save_every_steps = 10;
+        let mut learner = Learner::new(config.clone()).unwrap();
+        learner.stop_after_step = stop;
+        learner.fit().unwrap();
+        if stop.is_some() {
+            drop(learner);
+            learner = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
+            learner.fit().unwrap();
+        }
+        let weights = named_tensors(learner.model());
+        (losses(&config.output_dir), weights, dir)
+    };
+    let (fp32, fp32_weights, _a) = run(Precision::Fp32, None);
+    let (bf16, bf16_weights, _b) = run(Precision::Bf16, None);
+    assert_eq!(fp32.len(), bf16.len());
+    for (f, b) in fp32.iter().zip(&bf16) {
+        assert!((f - b).abs() <= 0.03 * f, "bf16 loss {b} against fp32 {f}:\n{bf16:?}\n{fp32:?}");
+    }
+    assert!(bf16.last().unwrap() < &(bf16[0] - 0.5), "bf16 loss did not fall: {bf16:?}");
+    assert!(fp32_weights != bf16_weights, "bf16 computed exactly what fp32 did");
+    for w in &bf16_weights {
+        assert!(w.values.iter().all(|v| v.is_finite()), "{}", w.name);
+    }
+    let (resumed, resumed_weights, _c) = run(Precision::Bf16, Some(13));
+    assert!(resumed_weights == bf16_weights, "a resumed bf16 run ends elsewhere");
+    assert_eq!(resumed[resumed.len() - 3..], bf16[bf16.len() - 3..]);
+}
+
+/// fp16 with dynamic loss scaling, on flex. Started at a loss scale of 2^30, the scaled
+/// gradients overflow fp16: such a step changes nothing (weights, AdamW's step count) and halves
+/// the scale, until it fits and training proceeds; `metrics.jsonl` logs the scale and the
+/// skipped steps. The loss falls and tracks fp32's within 3% once the scale fits, and a run
+/// stopped and resumed ends bit for bit where the uninterrupted one did, scale included (the
+/// sidecar carries it).
+#[test]
+fn fp16_loss_scaling_skips_overflowing_steps_and_resumes_bit_exact() {
+    use kiln::config::Precision;
+    use kiln::loss_scale::LossScale;
+    let huge = 2f64.powi(30);
+    let fp16_config = |dir: &std::path::Path| {
+        let mut config = tiny_config(dir);
+        config.training.precision = Precision::Fp16;
+        config.training.max_steps = 40;
+        config.checkpoint.save_every_steps = 10;
+        config
+    };
+
+    // One overflowing step, by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let mut learner = Learner::new(fp16_config(dir.path())).unwrap();
+    assert_eq!(learner.loss_scale, Some(LossScale::default()));
+    learner.loss_scale = Some(LossScale::new(huge));
+    let before = named_tensors(learner.model());
+    let batch = learner.loader.next_batch().unwrap();
+    let (loss, norm) = learner.train_step(&batch).unwrap();
+    assert!(loss.is_finite() && !norm.is_finite(), "loss {loss}, gradient norm {norm}");
+    assert!(named_tensors(learner.model()) == before, "a skipped step changed the weights");
+    assert_eq!(learner.loss_scale.unwrap(), LossScale { scale: huge / 2.0, good_steps: 0, skipped_steps: 1 });
+    assert_eq!(learner.step, 1);
+    drop(learner);
+
+    let run = |stop: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = fp16_config(dir.path());
+        let mut learner = Learner::new(config.clone()).unwrap();
+        learner.loss_scale = Some(LossScale::new(huge));
+        learner.stop_after_step = stop;
+        learner.fit().unwrap();
+        if stop.is_some() {
+            drop(learner);
+            learner = Learner::resume(config.clone(), &config.checkpoint_dir().join("checkpoint_latest.safetensors")).unwrap();
+            learner.fit().unwrap();
+        }
+        let records = read_jsonl(&config.output_dir.join("metrics.jsonl")).unwrap();
+        (records, named_tensors(learner.model()), learner.loss_scale.unwrap(), dir)
+    };
+    let (records, weights, scale, _a) = run(None);
+    assert!(scale.skipped_steps >= 2 && scale.scale < huge / 2.0, "{scale:?}");
+    let logged: Vec<_> = records.iter().filter(|r| r.train_loss.is_some()).collect();
+    assert!(logged.iter().all(|r| r.loss_scale.is_some()), "every log line has the scale");
+    assert_eq!(logged.iter().filter_map(|r| r.skipped_steps).sum::<u64>(), scale.skipped_steps);
+    let train: Vec<f64> = logged.iter().filter_map(|r| r.train_loss).collect();
+    assert!(train.last().unwrap() < &(train[0] - 0.5), "fp16 loss did not fall: {train:?}");
+    for w in &weights {
+        assert!(w.values.iter().all(|v| v.is_finite()), "{}", w.name);
+    }
+    let (resumed_records, resumed, resumed_scale, _b) = run(Some(13));
+    assert!(resumed == weights, "a resumed fp16 run ends elsewhere");
+    assert_eq!(resumed_scale, scale);
+    // The same log, but for wall-clock throughput.
+    let strip = |rs: &[kiln::metrics::MetricRecord]| -> Vec<_> {
+        rs.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
+    };
+    assert_eq!(strip(&resumed_records), strip(&records));
+
+    // With a scale that fits from the start, fp16 follows fp32 as bf16 does.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let val = |dir: &std::path::Path, precision: Precision| {
+        let mut config = tiny_config(dir);
+        config.training.precision = precision;
+        Learner::new(config.clone()).unwrap().fit().unwrap();
+        read_jsonl(&config.output_dir.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.train_loss.or(r.val_loss)).collect::<Vec<f64>>()
+    };
+    let (fp32, fp16) = (val(dir_a.path(), Precision::Fp32), val(dir_b.path(), Precision::Fp16));
+    assert_eq!(fp32.len(), fp16.len());
+    for (f, h) in fp32.iter().zip(&fp16) {
+        assert!((f - h).abs() <= 0.03 * f, "fp16 loss {h} against fp32 {f}:\n{fp16:?}\n{fp32:?}");
+    }
+}
+
+/// Precisions a backend cannot compute in are refused, naming the key, before anything runs.
+#[test]
+fn a_precision_the_backend_lacks_is_refused_naming_the_key() {
+    use kiln::config::Precision;
+    let mut cases = vec![
+        (BackendKind::Ndarray, Precision::Bf16, "the ndarray backend cannot compute in bf16"),
+        (BackendKind::Ndarray, Precision::Fp16, "the ndarray backend cannot compute in fp16"),
+    ];
+    // WGSL has no bf16 type, so no wgpu adapter (lavapipe here) computes in it.
+    if cfg!(feature = "wgpu") {
+        cases.push((BackendKind::Wgpu, Precision::Bf16, "the wgpu backend cannot compute in bf16"));
+    }
+    for (backend, precision, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = tiny_config(dir.path());
+        config.training.backend = backend;
+        config.training.precision = precision;
+        let err = format!("{:#}", Learner::new(config).err().expect("refused"));
+        assert!(err.contains("training.precision") && err.contains(expected), "{err}");
+        assert!(!dir.path().join("cache").exists(), "nothing was prepared: {err}");
+    }
+}

@@ -34,3 +34,39 @@ fn wgpu_training_agrees_with_flex() {
         assert!(diff < 2e-3, "{}: flex and wgpu weights differ by {diff}", c.name);
     }
 }
+
+/// fp16 on wgpu, where the adapter computes in f16 (wgpu's `SHADER_F16`): 10 steps with loss
+/// scaling follow fp32 on flex within 3% per logged loss. An adapter without it is refused,
+/// naming the key, before anything is prepared. (bf16 never runs on wgpu: WGSL has no such type.)
+#[test]
+fn wgpu_fp16_follows_fp32_or_is_refused() {
+    use burn::tensor::FloatDType;
+    use kiln::config::Precision;
+    use kiln::metrics::read_jsonl;
+    use kiln::train::Learner;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = super::common::tiny_config(dir.path());
+    config.training.backend = BackendKind::Wgpu;
+    config.training.precision = Precision::Fp16;
+    config.training.max_steps = 10;
+    let device = kiln::backend::device(BackendKind::Wgpu).unwrap();
+    if !device.supports_dtype(FloatDType::F16) {
+        let err = format!("{:#}", Learner::new(config).err().expect("refused"));
+        assert!(err.contains("training.precision") && err.contains("the wgpu backend cannot compute in fp16"), "{err}");
+        return;
+    }
+    Learner::new(config.clone()).unwrap().fit().unwrap();
+    let fp16: Vec<f64> = read_jsonl(&config.output_dir.join("metrics.jsonl")).unwrap().iter().filter_map(|r| r.train_loss.or(r.val_loss)).collect();
+    let (fp32, _) = run(BackendKind::Flex, 10, 0.0);
+    let fp32: Vec<f64> = fp32
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.get("train_loss").or_else(|| v.get("val_loss")).and_then(|x| x.as_f64())
+        })
+        .collect();
+    assert_eq!(fp32.len(), fp16.len());
+    for (f, h) in fp32.iter().zip(&fp16) {
+        assert!((f - h).abs() <= 0.03 * f, "wgpu fp16 loss {h} against flex fp32 {f}");
+    }
+}

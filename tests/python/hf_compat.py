@@ -9,6 +9,9 @@ make-tokenizers: build Llama-2-, Llama-3-, GPT-2- and T5-style tokenizer directo
                  tokenizers library, and record what transformers makes of a text with them.
 eval-loss:       transformers' mean cross-entropy over kiln's evaluation windows.
 generate:        transformers' greedy continuation, stopping where generation_config says.
+check-dtype:     a bundle exported in float16/bfloat16 against the float32 export of the same
+                 checkpoint: each tensor is torch's `.to(dtype)` of it, bit for bit, and
+                 transformers loads it in that dtype with logits close to float32's.
 
 Every failure exits non-zero with a message; success prints one JSON line.
 """
@@ -83,6 +86,49 @@ def check_bundle(args):
     if args.round_trip and decoded != text:
         fail(f"tokenizer round trip changed the text: {decoded[:80]!r}")
     print(json.dumps({"max_logit_diff": diff, "tokens": len(got), "params": model.num_parameters()}))
+
+
+def check_dtype(args):
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    want = DTYPES[args.dtype]
+
+    def tensors(directory):
+        found = {}
+        for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+            found.update(load_file(path))
+        return found
+
+    reference, narrowed = tensors(args.reference), tensors(args.dir)
+    if reference.keys() != narrowed.keys():
+        fail(f"tensor names differ: {sorted(reference.keys() ^ narrowed.keys())}")
+    for name, full in reference.items():
+        if full.dtype != torch.float32:
+            fail(f"reference {name} is {full.dtype}, not float32")
+        got = narrowed[name]
+        if got.dtype != want:
+            fail(f"{name} is {got.dtype}, expected {want}")
+        if not torch.equal(full.to(want).view(torch.int16), got.view(torch.int16)):
+            fail(f"{name} is not torch's .to({args.dtype}) of the float32 weights")
+    config = json.load(open(os.path.join(args.dir, "config.json")))
+    if config.get("torch_dtype") != args.dtype:
+        fail(f"config.json torch_dtype is {config.get('torch_dtype')!r}, expected {args.dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype="auto").eval()
+    if model.dtype != want:
+        fail(f"transformers loaded the bundle as {model.dtype}, expected {want}")
+    full_model = AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(1, 25))])
+    with torch.no_grad():
+        expected = full_model(ids).logits.float()
+        got = model(ids).logits.float()
+    scale = float(expected.abs().max())
+    diff = float((got - expected).abs().max())
+    if not diff <= args.tolerance * scale:
+        fail(f"{args.dtype} logits differ from float32 by {diff} (largest logit {scale}, tolerance {args.tolerance})")
+    print(json.dumps({"max_logit_diff": diff, "max_logit": scale, "tensors": len(narrowed)}))
 
 
 def char_tokenizer(vocab_size):
@@ -358,9 +404,14 @@ def main():
     g.add_argument("dir")
     g.add_argument("--prompt", required=True)
     g.add_argument("--new-tokens", type=int, default=20)
+    d = sub.add_parser("check-dtype")
+    d.add_argument("reference", help="the float32 export")
+    d.add_argument("dir", help="the export in --dtype")
+    d.add_argument("--dtype", choices=["float16", "bfloat16"], required=True)
+    d.add_argument("--tolerance", type=float, default=0.05, help="relative to the largest float32 logit")
     args = parser.parse_args()
     commands = {"check-bundle": check_bundle, "make-model": make_model, "make-tokenizers": make_tokenizers,
-                "eval-loss": eval_loss, "generate": generate}
+                "eval-loss": eval_loss, "generate": generate, "check-dtype": check_dtype}
     commands[args.command](args)
 
 
