@@ -273,10 +273,10 @@ fn train(args: TrainArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "kiln: training {} parameters on {} ({} tokens/batch, vocab {}) -> {}",
+        "kiln: training {} parameters on {} ({} tokens/step, vocab {}) -> {}",
         learner.arch.num_params(),
         learner.config.training.backend.name(),
-        learner.config.training.batch_size * learner.config.data.seq_len,
+        learner.config.training.global_batch() * learner.config.data.seq_len,
         learner.arch.vocab_size(),
         learner.config.output_dir.display()
     );

@@ -327,7 +327,11 @@ pub struct TrainingConfig {
     /// What the forward and backward passes compute in: `fp32`, `bf16` or `fp16`.
     pub precision: Precision,
     pub seed: u64,
+    /// Windows per micro-step (and per process, once several train together).
     pub batch_size: usize,
+    /// Micro-steps whose gradients are summed into one optimizer step: an optimizer step sees
+    /// `batch_size x grad_accum_steps` windows, the global batch.
+    pub grad_accum_steps: usize,
     /// Stop after this many optimizer steps (whichever of `max_steps` and `epochs` comes first).
     pub max_steps: usize,
     /// Stop after this many passes over the training split.
@@ -487,6 +491,7 @@ impl Default for TrainingConfig {
             precision: Precision::Fp32,
             seed: 1337,
             batch_size: 16,
+            grad_accum_steps: 1,
             max_steps: 2000,
             epochs: 1,
             learning_rate: 1e-3,
@@ -528,6 +533,11 @@ impl ModelConfig {
 impl TrainingConfig {
     pub fn lr_decay_steps(&self) -> usize {
         self.lr_decay_steps.unwrap_or(self.max_steps)
+    }
+
+    /// Windows per optimizer step: `batch_size x grad_accum_steps` (one process).
+    pub fn global_batch(&self) -> usize {
+        self.batch_size * self.grad_accum_steps
     }
 }
 
@@ -683,6 +693,7 @@ impl Config {
 
         let t = &self.training;
         positive("training.batch_size", t.batch_size)?;
+        positive("training.grad_accum_steps", t.grad_accum_steps)?;
         positive("training.max_steps", t.max_steps)?;
         positive("training.epochs", t.epochs)?;
         positive("training.eval_every_steps", t.eval_every_steps)?;

@@ -221,6 +221,18 @@ impl Batch {
         self.batch_size * self.seq_len
     }
 
+    /// The batch cut into consecutive batches of `size` windows (the last one may be smaller):
+    /// the micro-batches of a global batch.
+    pub fn micro_batches(&self, size: usize) -> impl Iterator<Item = Batch> + '_ {
+        let n = size.max(1) * self.seq_len;
+        self.inputs.chunks(n).zip(self.targets.chunks(n)).map(|(inputs, targets)| Batch {
+            batch_size: inputs.len() / self.seq_len,
+            seq_len: self.seq_len,
+            inputs: inputs.to_vec(),
+            targets: targets.to_vec(),
+        })
+    }
+
     /// Inputs and targets as `[batch, seq_len]` integer tensors on `device`.
     pub fn to_tensors(&self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
         let shape = [self.batch_size, self.seq_len];
@@ -229,7 +241,9 @@ impl Batch {
     }
 }
 
-/// Serves training batches in the deterministic order described in the module docs.
+/// Serves training batches in the deterministic order described in the module docs. Its batches
+/// are global batches (every window of one optimizer step), so the order and the cursor do not
+/// depend on how a step is split into micro-batches.
 pub struct TrainLoader {
     corpus: Arc<Corpus>,
     seq_len: usize,
@@ -249,8 +263,8 @@ impl TrainLoader {
         if windows < batch_size {
             bail!(
                 "the training split holds {windows} windows of data.seq_len = {seq_len} tokens (those \
-                 that fit whatever the epoch's offset), too few for one batch of training.batch_size = \
-                 {batch_size}; use a larger corpus or smaller values"
+                 that fit whatever the epoch's offset), too few for one optimizer step of {batch_size} \
+                 (training.batch_size x training.grad_accum_steps); use a larger corpus or smaller values"
             );
         }
         let n = corpus.num_train_sources();

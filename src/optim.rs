@@ -170,6 +170,11 @@ pub fn scale_grads<M: Module>(module: &M, grads: &mut GradientsParams, factor: f
     module.visit(&mut Scale { grads, scale: factor });
 }
 
+/// Adds `other`'s gradients into `acc`, parameter by parameter (gradient accumulation).
+pub fn add_grads<M: Module>(module: &M, acc: &mut GradientsParams, mut other: GradientsParams) {
+    module.visit(&mut Accumulate { acc, other: &mut other });
+}
+
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
     total: Option<Tensor<1>>,
@@ -196,6 +201,23 @@ impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
             self.grads.register(param.id, g.mul_scalar(self.scale));
+        }
+    }
+}
+
+struct Accumulate<'a> {
+    acc: &'a mut GradientsParams,
+    other: &'a mut GradientsParams,
+}
+
+impl ModuleVisitor for Accumulate<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.other.remove::<D>(param.id) {
+            let sum = match self.acc.remove::<D>(param.id) {
+                Some(a) => a + g,
+                None => g,
+            };
+            self.acc.register(param.id, sum);
         }
     }
 }

@@ -265,8 +265,10 @@ impl Learner {
             bail!("{}: prepared with a vocabulary of {} tokens, but the tokenizer has {}", dataset_dir.display(), dataset.manifest.vocab_size, tokenizer.vocab_size());
         }
         let corpus = Arc::new(Corpus::new(dataset, config.data.train_weights(), config.data.val_fraction, config.data.seq_len)?);
-        let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.batch_size, t.seed)?;
-        let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches);
+        // The loader serves global batches; validation holds `eval_batches` of them, evaluated
+        // `batch_size` windows at a time, so both are the same however a step is split.
+        let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.global_batch(), t.seed)?;
+        let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches * t.grad_accum_steps);
 
         let optim = AdamW::new(AdamWConfig {
             beta1: t.beta1,
@@ -348,29 +350,15 @@ impl Learner {
         &self.loader.corpus().dataset().dir
     }
 
-    /// One optimizer step on `batch`; returns the batch loss and the gradient norm before
-    /// clipping.
+    /// One optimizer step on the global batch `batch`; returns its mean loss and the gradient
+    /// norm before clipping (infinite when fp16 loss scaling skipped the step).
     pub fn train_step(&mut self, batch: &Batch) -> Result<(f64, f64)> {
-        // Randomness (dropout) is a function of (seed, step), so a resumed run draws the same.
-        let (inputs, targets) = batch.to_tensors(&self.device);
-        let loss = self
-            .model()
-            .train_loss(inputs, targets, step_seed(self.config.training.seed, self.step));
-        let loss_value = loss.clone().into_scalar::<f32>() as f64;
-        if !loss_value.is_finite() {
-            bail!(
-                "training loss became {loss_value} at step {}; lower training.learning_rate or \
-                 set training.grad_clip",
-                self.step + 1
-            );
-        }
+        let (loss, mut grads) = self.gradients(batch)?;
         let Some(scaler) = self.loss_scale else {
-            let grads = GradientsParams::from_grads(loss.backward(), self.model());
-            return Ok((loss_value, self.apply_gradients(grads)));
+            return Ok((loss, self.apply_gradients(grads)));
         };
-        // fp16: the backward pass runs on the scaled loss; the gradients are unscaled in fp32
-        // before anything reads them, and a step whose gradients overflowed is skipped.
-        let mut grads = GradientsParams::from_grads(loss.mul_scalar(scaler.scale).backward(), self.model());
+        // fp16: the gradients are unscaled in fp32 before anything reads them, and a step
+        // whose gradients overflowed is skipped.
         crate::optim::scale_grads(self.model(), &mut grads, 1.0 / scaler.scale);
         let norm = crate::optim::grad_norm(self.model(), &grads);
         let scaler = self.loss_scale.as_mut().expect("matched above");
@@ -384,9 +372,44 @@ impl Learner {
             // The batch is consumed and the schedule moves on, as with PyTorch's GradScaler;
             // weights, AdamW's moments and step count, and the EMA are untouched.
             self.step += 1;
-            return Ok((loss_value, f64::INFINITY));
+            return Ok((loss, f64::INFINITY));
         }
-        Ok((loss_value, self.apply_gradients(grads)))
+        Ok((loss, self.apply_gradients(grads)))
+    }
+
+    /// The mean loss of the global batch `batch` and its gradient (times fp16's loss scale):
+    /// its micro-batches of `training.batch_size` windows run forward and backward one after
+    /// the other, each on its share of the mean loss, and their gradients are summed, so only
+    /// one micro-batch's activations are alive at a time.
+    fn gradients(&self, batch: &Batch) -> Result<(f64, GradientsParams)> {
+        let t = &self.config.training;
+        let mut loss_sum = 0.0;
+        let mut total: Option<GradientsParams> = None;
+        for (micro, part) in batch.micro_batches(t.batch_size).enumerate() {
+            let (inputs, targets) = part.to_tensors(&self.device);
+            // Randomness (dropout) is a function of (seed, step, micro-batch), so a resumed
+            // run draws the same.
+            let loss = self.model().train_loss(inputs, targets, dropout_seed(t.seed, self.step, micro));
+            let loss_value = loss.clone().into_scalar::<f32>() as f64;
+            if !loss_value.is_finite() {
+                bail!(
+                    "training loss became {loss_value} at step {}; lower training.learning_rate or \
+                     set training.grad_clip",
+                    self.step + 1
+                );
+            }
+            // Micro-batches hold equal numbers of tokens but for a global batch's last one.
+            let share = part.batch_size as f64 / batch.batch_size as f64;
+            loss_sum += loss_value * share;
+            let factor = self.loss_scale.map_or(1.0, |s| s.scale) * share;
+            let loss = if factor == 1.0 { loss } else { loss.mul_scalar(factor) };
+            let grads = GradientsParams::from_grads(loss.backward(), self.model());
+            match &mut total {
+                None => total = Some(grads),
+                Some(acc) => crate::optim::add_grads(self.model(), acc, grads),
+            }
+        }
+        Ok((loss_sum, total.expect("a batch holds at least one window")))
     }
 
     /// Clips `grads`, takes one optimizer step at this step's learning rate, updates the EMA
@@ -719,6 +742,8 @@ impl Learner {
             epoch: self.epoch(),
             global_step: self.step,
             data_position: self.data_position(),
+            global_batch: Some(c.training.global_batch()),
+            world_size: 1,
             rng: RngState::new(c.training.seed),
             lr_schedule: ScheduleState {
                 schedule: self.schedule,
@@ -787,11 +812,27 @@ impl Learner {
         if self.loss_scale.is_some() {
             self.loss_scale = Some(s.loss_scale.unwrap_or_default());
         }
+        let (saved, now) = (s.global_batch(), self.config.training.global_batch());
+        if saved != now {
+            let t = &self.config.training;
+            let hint = if saved % t.batch_size == 0 {
+                format!("training.grad_accum_steps = {} keeps it with training.batch_size = {}", saved / t.batch_size, t.batch_size)
+            } else {
+                format!("training.batch_size must divide {saved}")
+            };
+            bail!(
+                "the checkpoint was trained with {saved} windows per optimizer step, but this config \
+                 gives {now} (training.batch_size = {} x training.grad_accum_steps = {}); the data \
+                 order and the optimizer's trajectory depend on it: {hint}",
+                t.batch_size,
+                t.grad_accum_steps
+            );
+        }
         let position = s.data_position;
         if position.batch_in_epoch > self.loader.batches_per_epoch() {
             bail!(
                 "the checkpoint stopped at batch {} of epoch {}, but with this config an epoch \
-                 has only {} batches (data.seq_len or training.batch_size changed?)",
+                 has only {} batches (data.seq_len changed?)",
                 position.batch_in_epoch,
                 position.epoch,
                 self.loader.batches_per_epoch()
@@ -920,7 +961,15 @@ fn lock_output_dir(out: &Path) -> Result<File> {
     }
 }
 
-/// The dropout seed of step `step`: a SplitMix64 mix of the run seed and the step.
+/// The dropout seed of micro-batch `micro` (its index in the global batch) of step `step`.
+fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    match micro {
+        0 => step_seed(seed, step),
+        m => step_seed(step_seed(seed, step), m),
+    }
+}
+
+/// A SplitMix64 mix of the run seed and the step.
 fn step_seed(seed: u64, step: usize) -> u64 {
     let mut z = seed
         .wrapping_add(0x9E37_79B9_7F4A_7C15)

@@ -121,7 +121,15 @@ pub struct Sidecar {
     /// Epoch the run is in (0-based; equals the number of completed epochs).
     pub epoch: usize,
     pub global_step: usize,
+    /// Global batches of the epoch served so far (`data_position.batch_in_epoch` counts them).
     pub data_position: DataPosition,
+    /// Windows per optimizer step over all processes and micro-steps; absent in checkpoints of
+    /// kiln before gradient accumulation, whose global batch was `training.batch_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<usize>,
+    /// Processes the run trained on.
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub rng: RngState,
     pub lr_schedule: ScheduleState,
     pub optimizer: OptimizerState,
@@ -225,7 +233,16 @@ pub enum CheckpointError {
     File { path: PathBuf, problem: String },
 }
 
+fn one() -> usize {
+    1
+}
+
 impl Sidecar {
+    /// Windows per optimizer step of the run that wrote this checkpoint.
+    pub fn global_batch(&self) -> usize {
+        self.global_batch.unwrap_or(self.config.training.batch_size)
+    }
+
     pub fn read(path: &Path) -> Result<Self, CheckpointError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,

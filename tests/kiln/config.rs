@@ -59,6 +59,7 @@ fn impossible_values_are_named() {
         ("[data]\nseq_len = 512\n", "data.seq_len"),
         ("[data]\nval_fraction = 1.5\n", "data.val_fraction"),
         ("[training]\nbatch_size = 0\n", "training.batch_size"),
+        ("[training]\ngrad_accum_steps = 0\n", "training.grad_accum_steps"),
         ("[training]\nlearning_rate = -1.0\n", "training.learning_rate"),
         ("[training]\nmin_lr = 1.0\n", "training.min_lr"),
         ("[data]\ntokenizer = \"bpe\"\nvocab_size = 100\n", "data.vocab_size"),

@@ -264,3 +264,102 @@ fn a_precision_the_backend_lacks_is_refused_naming_the_key() {
         assert!(!dir.path().join("cache").exists(), "nothing was prepared: {err}");
     }
 }
+
+/// The losses logged (training, then validation, in file order) and the run's final weights,
+/// for the tiny config with `batch_size` windows per micro-step and `accum` micro-steps.
+fn accumulating_run(
+    dir: &std::path::Path,
+    batch_size: usize,
+    accum: usize,
+    stop: Option<usize>,
+) -> (Vec<kiln::metrics::MetricRecord>, Vec<kiln::params::NamedTensor>) {
+    let mut config = tiny_config(dir);
+    config.training.batch_size = batch_size;
+    config.training.grad_accum_steps = accum;
+    config.training.max_steps = 20;
+    config.checkpoint.save_every_steps = 5;
+    let mut learner = Learner::new(config.clone()).unwrap();
+    learner.stop_after_step = stop;
+    learner.fit().unwrap();
+    let records = read_jsonl(&config.output_dir.join("metrics.jsonl")).unwrap();
+    (records, named_tensors(learner.model()))
+}
+
+fn assert_same_losses(a: &[kiln::metrics::MetricRecord], b: &[kiln::metrics::MetricRecord], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: different log lengths");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}");
+        for (p, q) in [(x.train_loss, y.train_loss), (x.val_loss, y.val_loss)] {
+            assert_eq!(p.is_some(), q.is_some(), "{what}: step {}", x.step);
+            if let (Some(p), Some(q)) = (p, q) {
+                assert!((p - q).abs() <= 2e-4 * p.abs(), "{what}: step {}: {p} against {q}", x.step);
+            }
+        }
+    }
+}
+
+/// A global batch of 16 windows gives the same run whether it is one micro-step of 16, two of
+/// 8 or four of 4: the loader serves the same windows (it deals in global batches), each
+/// micro-batch's gradient is of its share of the mean loss, and validation evaluates the same
+/// windows in micro-batches. Every logged training and validation loss over 20 steps agrees to
+/// 2e-4 relative; the weights differ only by rounding.
+#[test]
+fn gradient_accumulation_gives_the_global_batchs_run_however_it_is_split() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (whole, whole_weights) = accumulating_run(dirs[0].path(), 16, 1, None);
+    let (halves, _) = accumulating_run(dirs[1].path(), 8, 2, None);
+    let (quarters, quarter_weights) = accumulating_run(dirs[2].path(), 4, 4, None);
+    assert!(whole.iter().filter(|r| r.val_loss.is_some()).count() >= 2, "{whole:?}");
+    assert_same_losses(&whole, &halves, "1 x 16 against 2 x 8");
+    assert_same_losses(&whole, &quarters, "1 x 16 against 4 x 4");
+    let train: Vec<f64> = whole.iter().filter_map(|r| r.train_loss).collect();
+    assert!(train.last().unwrap() < &(train[0] - 0.3), "the loss did not fall: {train:?}");
+    for (a, b) in whole_weights.iter().zip(&quarter_weights) {
+        let worst = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{}: weights differ by {worst}", a.name);
+    }
+    // The checkpoint says how many windows a step took.
+    let sidecar = kiln::checkpoint::sidecar::Sidecar::read(&dirs[2].path().join("out/checkpoints/checkpoint_latest.meta.json")).unwrap();
+    assert_eq!((sidecar.global_batch, sidecar.world_size), (Some(16), 1));
+}
+
+/// An accumulating run stopped mid-way and resumed ends bit for bit where the uninterrupted
+/// one did. Its checkpoint also resumes with the global batch split otherwise (8 x 2 from
+/// 4 x 4), continuing the same data, and is refused, with the way out named, when the global
+/// batch would change.
+#[test]
+fn an_accumulating_run_resumes_bit_exact_and_on_another_split_of_its_global_batch() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (records, weights) = accumulating_run(a.path(), 4, 4, None);
+    accumulating_run(b.path(), 4, 4, Some(7));
+    let resume = |batch_size: usize, accum: usize| {
+        let mut config = tiny_config(b.path());
+        config.training.batch_size = batch_size;
+        config.training.grad_accum_steps = accum;
+        config.training.max_steps = 20;
+        config.checkpoint.save_every_steps = 5;
+        let out = config.output_dir.clone();
+        let checkpoint = config.checkpoint_dir().join("checkpoint_latest.safetensors");
+        Learner::resume(config, &checkpoint).map(|mut learner| {
+            learner.fit().unwrap();
+            (read_jsonl(&out.join("metrics.jsonl")).unwrap(), named_tensors(learner.model()))
+        })
+    };
+    let saved = tempfile::tempdir().unwrap();
+    super::common::copy_dir(&b.path().join("out/checkpoints"), saved.path());
+
+    let (resumed_records, resumed_weights) = resume(4, 4).unwrap();
+    assert!(resumed_weights == weights, "a resumed accumulating run ends elsewhere");
+    let strip = |rs: &[kiln::metrics::MetricRecord]| -> Vec<_> {
+        rs.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
+    };
+    assert_eq!(strip(&resumed_records), strip(&records));
+
+    super::common::copy_dir(saved.path(), &b.path().join("out/checkpoints"));
+    let (resplit_records, _) = resume(8, 2).unwrap();
+    assert_same_losses(&records, &resplit_records, "4 x 4 resumed as 8 x 2");
+
+    super::common::copy_dir(saved.path(), &b.path().join("out/checkpoints"));
+    let err = format!("{:#}", resume(8, 1).err().expect("a changed global batch is refused"));
+    assert!(err.contains("16 windows per optimizer step") && err.contains("training.grad_accum_steps = 2"), "{err}");
+}
