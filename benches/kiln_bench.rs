@@ -1,9 +1,9 @@
 //! kiln's benchmark: every comparison measured side by side in one run, alternating between
 //! kiln and its reference on every repetition, reported as medians in one table.
 //!
-//!     cargo bench --features wgpu,cuda --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate,data]
-//!     cargo test --release --features wgpu,cuda --bench kiln_bench               (the smoke test: each CPU section once)
-//!     cargo bench --features wgpu,cuda --bench kiln_bench -- --only gpu      (on a GPU machine: gpu-train,
+//!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate,data]
+//!     cargo test --release --features wgpu,cuda,mpi --bench kiln_bench               (the smoke test: each CPU section once)
+//!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- --only gpu      (on a GPU machine: gpu-train,
 //!                                                   gpu-stall; `bash scripts/setup-cuda.sh` first)
 //!
 //! References: PyTorch eager (transformers `LlamaForCausalLM`, AdamW) for training and

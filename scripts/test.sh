@@ -2,7 +2,9 @@
 # Installs what the tests need, then runs them: README's test command, and what CI runs.
 #
 # - Mesa's lavapipe, a Vulkan driver that runs on the CPU, for the wgpu test (Debian's
-#   `mesa-vulkan-drivers`; needs root or sudo, skipped when a lavapipe is installed already).
+#   `mesa-vulkan-drivers`), and Open MPI with libclang for the `mpi` feature and the
+#   data-parallel tests (`openmpi-bin`, `libopenmpi-dev`, `libclang-dev`); Debian packages, which
+#   need root or sudo, skipped when installed already.
 # - The LLVM that the cuda backend builds against (`scripts/setup-cuda.sh`, from PyPI): the
 #   tests are built with `cuda` too, so that it is compiled in the same single build (there is
 #   no GPU here to run it; its tests check the errors it gives without one).
@@ -16,13 +18,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+packages=()
 if ! compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" >/dev/null; then
-  echo "test.sh: installing Mesa's lavapipe Vulkan driver for the wgpu test"
+  packages+=(mesa-vulkan-drivers libvulkan1)
+fi
+if ! command -v mpicc >/dev/null || ! command -v mpirun >/dev/null || ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null; then
+  packages+=(openmpi-bin libopenmpi-dev libclang-dev)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "test.sh: installing ${packages[*]}"
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1 >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 # Mesa's window-system probing warns without it; lavapipe needs no display.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
@@ -41,4 +50,4 @@ export PATH="$(cd "$venv" && pwd)/bin:$PATH"
 
 bash scripts/setup-cuda.sh
 
-exec cargo test --release --locked --features wgpu,cuda "$@"
+exec cargo test --release --locked --features wgpu,cuda,mpi "$@"

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{BackendKind, Config};
+use crate::distributed::World;
 use crate::train::{Learner, StopReason, install_signal_handler};
 
 #[derive(Debug, Parser)]
@@ -178,6 +180,10 @@ pub struct TrainArgs {
     /// Override one config key, e.g. `--set training.max_steps=200` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Train data-parallel in N processes on this machine, started by Open MPI's `mpirun`
+    /// (across machines, run `mpirun`/`srun` yourself; README: Distributed training).
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -250,6 +256,66 @@ fn prepare(args: PrepareArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
+    if let Some(n) = args.nproc {
+        return launch_ranks(n);
+    }
+    let world = Arc::new(World::from_launcher()?);
+    match train_rank(&args, world.clone()) {
+        Ok(()) => Ok(()),
+        // A rank that fails alone would leave the others waiting in a collective.
+        Err(err) if world.size() > 1 => {
+            eprintln!("error: rank {} of {}: {err:#}", world.rank(), world.size());
+            world.abort(1)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// `kiln train --nproc N`: the same command, without `--nproc`, as N ranks under `mpirun`.
+fn launch_ranks(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    if !cfg!(feature = "mpi") {
+        bail!("--nproc needs a kiln built with MPI: `cargo build --release --features mpi` (README: Distributed training)");
+    }
+    let exe = std::env::current_exe().context("cannot find the kiln executable")?;
+    let mut rest = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--nproc" {
+            args.next();
+        } else if !a.starts_with("--nproc=") {
+            rest.push(a);
+        }
+    }
+    // Each rank's CPU backend gets its share of the cores unless told otherwise.
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        (cores / n).max(1).to_string()
+    });
+    let mut cmd = std::process::Command::new("mpirun");
+    cmd.args(["-n", &n.to_string(), "--oversubscribe", "--bind-to", "none", "-x", "RAYON_NUM_THREADS"]);
+    cmd.arg(&exe).args(&rest).env("RAYON_NUM_THREADS", threads);
+    // Open MPI refuses root unless told, and containers often run as root.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    }
+    let status = match cmd.status() {
+        Ok(status) => status,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("--nproc starts its processes with Open MPI's `mpirun`, which is not installed (Debian: apt install openmpi-bin)")
+        }
+        Err(e) => return Err(e).context("cannot start mpirun"),
+    };
+    if !status.success() {
+        bail!("the {n} training processes failed ({status}); see their messages above");
+    }
+    Ok(())
+}
+
+fn train_rank(args: &TrainArgs, world: Arc<World>) -> Result<()> {
+    let leader = world.is_leader();
     let mut overrides = args.set.clone();
     if let Some(backend) = args.backend {
         overrides.push(format!("training.backend=\"{}\"", backend.name()));
@@ -258,12 +324,13 @@ fn train(args: TrainArgs) -> Result<()> {
         overrides.push(format!("output_dir={}", toml_string(&dir.display().to_string())));
     }
     let config = Config::load(&args.config, &overrides)?;
-    let mut learner = match &args.resume {
-        Some(ckpt) => Learner::resume(config, ckpt)?,
-        None => Learner::new(config)?,
-    };
-    learner.progress = true;
+    let mut learner = Learner::new_in(config, args.resume.as_deref(), world.clone())?;
+    learner.progress = leader;
     install_signal_handler()?;
+    if !leader {
+        learner.fit()?;
+        return Ok(());
+    }
     if args.resume.is_some() {
         eprintln!(
             "kiln: resuming at step {} (epoch {}, batch {} of it)",
@@ -272,11 +339,15 @@ fn train(args: TrainArgs) -> Result<()> {
             learner.data_position().batch_in_epoch
         );
     }
+    let processes = match world.size() {
+        1 => String::new(),
+        n => format!(" x {n} processes"),
+    };
     eprintln!(
-        "kiln: training {} parameters on {} ({} tokens/step, vocab {}) -> {}",
+        "kiln: training {} parameters on {}{processes} ({} tokens/step, vocab {}) -> {}",
         learner.arch.num_params(),
         learner.config.training.backend.name(),
-        learner.config.training.global_batch() * learner.config.data.seq_len,
+        learner.config.training.global_batch() * world.size() * learner.config.data.seq_len,
         learner.arch.vocab_size(),
         learner.config.output_dir.display()
     );

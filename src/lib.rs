@@ -27,6 +27,7 @@ pub mod convert;
 pub mod cuda_check;
 pub mod data;
 pub mod dataset;
+pub mod distributed;
 pub mod ema;
 pub mod evaluate;
 pub mod export;

@@ -34,7 +34,8 @@ pub struct MetricRecord {
 /// being written) and keeps them as the run's history.
 pub struct MetricsLog {
     path: PathBuf,
-    writer: BufWriter<File>,
+    /// `None` for a log kept in memory only (a data-parallel rank other than 0).
+    writer: Option<BufWriter<File>>,
     pub history: Vec<MetricRecord>,
 }
 
@@ -45,9 +46,14 @@ impl MetricsLog {
             .with_context(|| format!("cannot create metrics log {}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            writer: BufWriter::new(file),
+            writer: Some(BufWriter::new(file)),
             history: Vec::new(),
         })
+    }
+
+    /// A log that keeps `history` and what is appended in memory and writes no file.
+    pub fn in_memory(history: Vec<MetricRecord>) -> Self {
+        Self { path: PathBuf::new(), writer: None, history }
     }
 
     /// Continues a log with `history` (e.g. restored from a checkpoint): the file is rewritten
@@ -68,9 +74,12 @@ impl MetricsLog {
     }
 
     fn write_line(&mut self, record: &MetricRecord) -> Result<()> {
+        let Some(writer) = &mut self.writer else {
+            return Ok(());
+        };
         let line = serde_json::to_string(record).expect("metric records always serialize");
-        writeln!(self.writer, "{line}")
-            .and_then(|_| self.writer.flush())
+        writeln!(writer, "{line}")
+            .and_then(|_| writer.flush())
             .with_context(|| format!("cannot write to {}", self.path.display()))
     }
 }

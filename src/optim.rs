@@ -7,9 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::fused::{self, kernels::AdamWStep};
 
@@ -173,6 +173,46 @@ pub fn scale_grads<M: Module>(module: &M, grads: &mut GradientsParams, factor: f
 /// Adds `other`'s gradients into `acc`, parameter by parameter (gradient accumulation).
 pub fn add_grads<M: Module>(module: &M, acc: &mut GradientsParams, mut other: GradientsParams) {
     module.visit(&mut Accumulate { acc, other: &mut other });
+}
+
+/// Hands every gradient, laid end to end in one f32 buffer in the module's parameter order, to
+/// `f` (e.g. an all-reduce between data-parallel ranks, one message per step), then puts the
+/// buffer's values back as the gradients.
+pub fn map_flat_grads<M: Module>(module: &M, grads: &mut GradientsParams, f: impl FnOnce(&mut [f32])) {
+    let mut gather = Gather { grads, taken: Vec::new(), flat: Vec::new() };
+    module.visit(&mut gather);
+    let Gather { grads, taken, mut flat } = gather;
+    f(&mut flat);
+    let mut offset = 0;
+    for (id, shape, device) in taken {
+        let n = shape.iter().product::<usize>();
+        let data = TensorData::new(flat[offset..offset + n].to_vec(), shape.clone());
+        offset += n;
+        match shape.len() {
+            1 => grads.register(id, Tensor::<1>::from_data(data, &device)),
+            2 => grads.register(id, Tensor::<2>::from_data(data, &device)),
+            3 => grads.register(id, Tensor::<3>::from_data(data, &device)),
+            4 => grads.register(id, Tensor::<4>::from_data(data, &device)),
+            d => unreachable!("no kiln parameter has {d} dimensions"),
+        }
+    }
+}
+
+struct Gather<'a> {
+    grads: &'a mut GradientsParams,
+    taken: Vec<(ParamId, Vec<usize>, Device)>,
+    flat: Vec<f32>,
+}
+
+impl ModuleVisitor for Gather<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            let (device, shape) = (g.device(), g.dims().to_vec());
+            let values = g.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32");
+            self.taken.push((param.id, shape, device));
+            self.flat.extend_from_slice(&values);
+        }
+    }
 }
 
 struct SquaredNorm<'a> {

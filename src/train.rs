@@ -29,6 +29,7 @@ use crate::checkpoint::storage::LocalFs;
 use crate::checkpoint::{self, CheckpointManager, LoadedCheckpoint, Snapshot};
 use crate::config::{BackendKind, Config, DataConfig, Metric, Precision};
 use crate::data::{Batch, Corpus, DataPosition, TrainLoader, validation_batches};
+use crate::distributed::World;
 use crate::dataset::{Dataset, TOKENIZER_FILE};
 use crate::prepare::{self, TokenizerChoice};
 use crate::ema::Ema;
@@ -133,26 +134,37 @@ pub struct Learner {
     exported_best_step: Option<usize>,
     /// Bundles written by the ModelSaver during this session.
     pub exported: Vec<PathBuf>,
-    /// Held for the lifetime of the run; a second trainer on the same directory fails to take it.
-    _lock: File,
+    /// The processes training this run together (a world of one unless launched by MPI).
+    pub world: Arc<World>,
+    /// Held by rank 0 for the lifetime of the run; a second trainer on the same directory fails
+    /// to take it.
+    _lock: Option<File>,
 }
 
 impl Learner {
     /// Prepares a fresh run: tokenizer, data, model and optimizer.
     pub fn new(config: Config) -> Result<Self> {
-        Self::build(config, None)
+        Self::new_in(config, None, Arc::new(World::single()))
     }
 
     /// Prepares a run that continues from a checkpoint (any of its three files).
     pub fn resume(config: Config, checkpoint: &Path) -> Result<Self> {
-        Self::build(config, Some(checkpoint))
+        Self::new_in(config, Some(checkpoint), Arc::new(World::single()))
     }
 
-    fn build(config: Config, resume: Option<&Path>) -> Result<Self> {
+    /// Prepares this process's part of a run trained by `world`: fresh, or continuing from
+    /// `resume`. Rank 0 sets up first (it takes the lock, prepares the data, writes the run's
+    /// files) and the other ranks after it, finding everything in place and writing nothing.
+    pub fn new_in(config: Config, resume: Option<&Path>, world: Arc<World>) -> Result<Self> {
+        world.clone().leader_first(|| Self::build(config, resume, world))
+    }
+
+    fn build(config: Config, resume: Option<&Path>, world: Arc<World>) -> Result<Self> {
         let out = config.output_dir.clone();
+        let leader = world.is_leader();
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create output directory {}", out.display()))?;
-        let lock = lock_output_dir(&out)?;
+        let lock = if leader { Some(lock_output_dir(&out)?) } else { None };
         let checkpoints = CheckpointManager::open(
             &config.checkpoint_dir(),
             policy(&config),
@@ -258,17 +270,19 @@ impl Learner {
         };
         let model = model.with_compute_dtype(t.precision.dtype());
 
-        std::fs::write(out.join("config.toml"), config.to_toml_string())
-            .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
-        tokenizer.save(&out.join("tokenizer.json"))?;
+        if leader {
+            std::fs::write(out.join("config.toml"), config.to_toml_string())
+                .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+            tokenizer.save(&out.join("tokenizer.json"))?;
+        }
         if dataset.manifest.vocab_size != tokenizer.vocab_size() {
             bail!("{}: prepared with a vocabulary of {} tokens, but the tokenizer has {}", dataset_dir.display(), dataset.manifest.vocab_size, tokenizer.vocab_size());
         }
         let corpus = Arc::new(Corpus::new(dataset, config.data.train_weights(), config.data.val_fraction, config.data.seq_len)?);
         // The loader serves global batches; validation holds `eval_batches` of them, evaluated
         // `batch_size` windows at a time, so both are the same however a step is split.
-        let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.global_batch(), t.seed)?;
-        let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches * t.grad_accum_steps);
+        let loader = TrainLoader::new(corpus.clone(), config.data.seq_len, t.global_batch() * world.size(), t.seed)?;
+        let val_batches = validation_batches(&corpus, config.data.seq_len, t.batch_size, t.eval_batches * t.grad_accum_steps * world.size());
 
         let optim = AdamW::new(AdamWConfig {
             beta1: t.beta1,
@@ -284,8 +298,12 @@ impl Learner {
         };
         let ema = t.ema_decay.map(Ema::new);
         let metrics_path = out.join("metrics.jsonl");
-        let metrics = match &resume {
-            Some((ck, _)) => MetricsLog::resume(&metrics_path, ck.sidecar.metrics_history.clone())?,
+        let history = resume.as_ref().map(|(ck, _)| ck.sidecar.metrics_history.clone());
+        // Only rank 0 writes `metrics.jsonl`; every rank keeps the history its sidecar needs.
+        let metrics = match history {
+            Some(history) if !leader => MetricsLog::in_memory(history),
+            None if !leader => MetricsLog::in_memory(Vec::new()),
+            Some(history) => MetricsLog::resume(&metrics_path, history)?,
             None => MetricsLog::create(&metrics_path)?,
         };
         let tokenizer_json = serde_json::from_str(&tokenizer.to_json()?)
@@ -318,6 +336,7 @@ impl Learner {
             fit_started: None,
             exported_best_step: None,
             exported: Vec::new(),
+            world,
             _lock: lock,
         };
         if let (Some((ck, _)), Some((moments, ema))) = (resume, restored) {
@@ -378,14 +397,17 @@ impl Learner {
     }
 
     /// The mean loss of the global batch `batch` and its gradient (times fp16's loss scale):
-    /// its micro-batches of `training.batch_size` windows run forward and backward one after
-    /// the other, each on its share of the mean loss, and their gradients are summed, so only
-    /// one micro-batch's activations are alive at a time.
+    /// this rank's micro-batches of `training.batch_size` windows run forward and backward one
+    /// after the other, each on its share of the mean loss, and their gradients are summed (so
+    /// only one micro-batch's activations are alive at a time), then summed over the ranks.
     fn gradients(&self, batch: &Batch) -> Result<(f64, GradientsParams)> {
         let t = &self.config.training;
         let mut loss_sum = 0.0;
         let mut total: Option<GradientsParams> = None;
-        for (micro, part) in batch.micro_batches(t.batch_size).enumerate() {
+        // Rank r takes micro-batches r * grad_accum_steps.. of the global batch.
+        let first = self.world.rank() * t.grad_accum_steps;
+        let mine = batch.micro_batches(t.batch_size).enumerate().skip(first).take(t.grad_accum_steps);
+        for (micro, part) in mine {
             let (inputs, targets) = part.to_tensors(&self.device);
             // Randomness (dropout) is a function of (seed, step, micro-batch), so a resumed
             // run draws the same.
@@ -409,7 +431,15 @@ impl Learner {
                 Some(acc) => crate::optim::add_grads(self.model(), acc, grads),
             }
         }
-        Ok((loss_sum, total.expect("a batch holds at least one window")))
+        let mut grads = total.expect("every rank has at least one micro-batch");
+        if self.world.size() > 1 {
+            // The ranks' shares of the mean loss and of its gradient add up to the whole.
+            let mut loss = [loss_sum];
+            self.world.sum_f64(&mut loss);
+            loss_sum = loss[0];
+            crate::optim::map_flat_grads(self.model(), &mut grads, |flat| self.world.sum_f32(flat));
+        }
+        Ok((loss_sum, grads))
     }
 
     /// Clips `grads`, takes one optimizer step at this step's learning rate, updates the EMA
@@ -433,15 +463,17 @@ impl Learner {
     pub fn evaluate(&self) -> f64 {
         let model = self.model().valid();
         let device = self.device.clone().without_autodiff();
-        let mut total = 0.0;
-        let mut tokens = 0usize;
-        for batch in &self.val_batches {
+        // Each rank evaluates every world-size-th batch; the sums are then added up.
+        let mut sums = [0.0, 0.0];
+        let (rank, size) = (self.world.rank(), self.world.size());
+        for batch in self.val_batches.iter().skip(rank).step_by(size) {
             let (inputs, targets) = batch.to_tensors(&device);
             let loss = model.loss(inputs, targets).into_scalar::<f32>() as f64;
-            total += loss * batch.num_tokens() as f64;
-            tokens += batch.num_tokens();
+            sums[0] += loss * batch.num_tokens() as f64;
+            sums[1] += batch.num_tokens() as f64;
         }
-        total / tokens as f64
+        self.world.sum_f64(&mut sums);
+        sums[0] / sums[1]
     }
 
     /// The tracked metric (`checkpoint.metric`) for an evaluation with this validation loss:
@@ -503,7 +535,8 @@ impl Learner {
         let mut final_train_loss = None;
 
         let stop_reason = loop {
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            // A signal to any rank stops all of them at the same step.
+            if self.world.any(INTERRUPTED.load(Ordering::SeqCst)) {
                 break StopReason::Interrupted;
             }
             if self.step >= t.max_steps {
@@ -520,7 +553,9 @@ impl Learner {
                 if completed >= t.epochs {
                     break StopReason::Epochs;
                 }
-                self.export_bundles(false)?;
+                if self.world.is_leader() {
+                    self.export_bundles(false)?;
+                }
                 continue;
             };
             let lr = self.schedule.lr(self.step);
@@ -580,10 +615,14 @@ impl Learner {
         }
         self.checkpoints.wait()?;
         bar.finish_and_clear();
-        self.write_loss_curve()?;
-        if stop_reason != StopReason::Interrupted {
-            self.export_bundles(true)?;
+        if self.world.is_leader() {
+            self.write_loss_curve()?;
+            if stop_reason != StopReason::Interrupted {
+                self.export_bundles(true)?;
+            }
         }
+        // No rank exits before rank 0 has written everything.
+        self.world.barrier();
         let final_val_loss = self.metrics.history.iter().rev().find_map(|r| r.val_loss);
         Ok(TrainSummary {
             steps: self.step,
@@ -602,8 +641,12 @@ impl Learner {
         if kinds.is_empty() {
             return Ok(());
         }
-        let snapshot = self.snapshot();
-        self.checkpoints.save(kinds, snapshot)?;
+        // Every rank holds the same state; rank 0 writes it, the others wait for its capture.
+        if self.world.is_leader() {
+            let snapshot = self.snapshot();
+            self.checkpoints.save(kinds, snapshot)?;
+        }
+        self.world.barrier();
         *last_save_step = Some(self.step);
         Ok(())
     }
@@ -742,8 +785,8 @@ impl Learner {
             epoch: self.epoch(),
             global_step: self.step,
             data_position: self.data_position(),
-            global_batch: Some(c.training.global_batch()),
-            world_size: 1,
+            global_batch: Some(c.training.global_batch() * self.world.size()),
+            world_size: self.world.size(),
             rng: RngState::new(c.training.seed),
             lr_schedule: ScheduleState {
                 schedule: self.schedule,
@@ -812,18 +855,20 @@ impl Learner {
         if self.loss_scale.is_some() {
             self.loss_scale = Some(s.loss_scale.unwrap_or_default());
         }
-        let (saved, now) = (s.global_batch(), self.config.training.global_batch());
+        let world = self.world.size();
+        let (saved, now) = (s.global_batch(), self.config.training.global_batch() * world);
         if saved != now {
             let t = &self.config.training;
-            let hint = if saved % t.batch_size == 0 {
-                format!("training.grad_accum_steps = {} keeps it with training.batch_size = {}", saved / t.batch_size, t.batch_size)
+            let per_step = t.batch_size * world;
+            let hint = if saved % per_step == 0 {
+                format!("training.grad_accum_steps = {} keeps it with training.batch_size = {} on {world} process(es)", saved / per_step, t.batch_size)
             } else {
-                format!("training.batch_size must divide {saved}")
+                format!("training.batch_size x processes ({per_step}) must divide {saved}")
             };
             bail!(
-                "the checkpoint was trained with {saved} windows per optimizer step, but this config \
-                 gives {now} (training.batch_size = {} x training.grad_accum_steps = {}); the data \
-                 order and the optimizer's trajectory depend on it: {hint}",
+                "the checkpoint was trained with {saved} windows per optimizer step, but this run \
+                 gives {now} (training.batch_size = {} x training.grad_accum_steps = {} x {world} \
+                 process(es)); the data order and the optimizer's trajectory depend on it: {hint}",
                 t.batch_size,
                 t.grad_accum_steps
             );

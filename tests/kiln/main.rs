@@ -22,3 +22,5 @@ mod writer;
 mod reader;
 mod pytorch;
 mod dataset;
+#[cfg(feature = "mpi")]
+mod distributed;
