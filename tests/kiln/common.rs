@@ -67,3 +67,22 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
     }
 }
+
+/// Every logged training and validation loss of two runs agrees to 2e-4 relative, step by step.
+pub fn assert_same_losses(a: &[kiln::metrics::MetricRecord], b: &[kiln::metrics::MetricRecord], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: different log lengths\n{a:?}\n{b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step, "{what}");
+        for (p, q) in [(x.train_loss, y.train_loss), (x.val_loss, y.val_loss)] {
+            assert_eq!(p.is_some(), q.is_some(), "{what}: step {}", x.step);
+            if let (Some(p), Some(q)) = (p, q) {
+                assert!((p - q).abs() <= 2e-4 * p.abs(), "{what}: step {}: {p} against {q}", x.step);
+            }
+        }
+    }
+}
+
+/// The records without their wall-clock throughput, which no two runs share.
+pub fn without_throughput(records: &[kiln::metrics::MetricRecord]) -> Vec<kiln::metrics::MetricRecord> {
+    records.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
+}

@@ -9,7 +9,7 @@ use kiln::checkpoint;
 use kiln::metrics::{MetricRecord, read_jsonl};
 use kiln::train::Learner;
 
-use super::common::tiny_config;
+use super::common::{assert_same_losses, tiny_config};
 
 /// The tiny config for 20 steps with a global batch of 16, as a file in `dir`; the decay is
 /// pinned to 20 steps so that a run stopped early follows the same schedule.
@@ -39,19 +39,6 @@ fn kiln_train(config: &Path, extra: &[&str]) -> Output {
 
 fn records(out: &Path) -> Vec<MetricRecord> {
     read_jsonl(&out.join("metrics.jsonl")).unwrap()
-}
-
-fn assert_same_losses(a: &[MetricRecord], b: &[MetricRecord], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: different log lengths\n{a:?}\n{b:?}");
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x.step, y.step, "{what}");
-        for (p, q) in [(x.train_loss, y.train_loss), (x.val_loss, y.val_loss)] {
-            assert_eq!(p.is_some(), q.is_some(), "{what}: step {}", x.step);
-            if let (Some(p), Some(q)) = (p, q) {
-                assert!((p - q).abs() <= 2e-4 * p.abs(), "{what}: step {}: {p} against {q}", x.step);
-            }
-        }
-    }
 }
 
 fn file_names(dir: &Path) -> Vec<String> {

@@ -3,7 +3,7 @@ use kiln::metrics::read_jsonl;
 use kiln::params::named_tensors;
 use kiln::train::{Learner, StopReason};
 
-use super::common::tiny_config;
+use super::common::{assert_same_losses, tiny_config, without_throughput};
 
 #[test]
 fn a_short_run_lowers_the_loss_and_writes_its_outputs() {
@@ -222,10 +222,7 @@ fn fp16_loss_scaling_skips_overflowing_steps_and_resumes_bit_exact() {
     assert!(resumed == weights, "a resumed fp16 run ends elsewhere");
     assert_eq!(resumed_scale, scale);
     // The same log, but for wall-clock throughput.
-    let strip = |rs: &[kiln::metrics::MetricRecord]| -> Vec<_> {
-        rs.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
-    };
-    assert_eq!(strip(&resumed_records), strip(&records));
+    assert_eq!(without_throughput(&resumed_records), without_throughput(&records));
 
     // With a scale that fits from the start, fp16 follows fp32 as bf16 does.
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -285,19 +282,6 @@ fn accumulating_run(
     (records, named_tensors(learner.model()))
 }
 
-fn assert_same_losses(a: &[kiln::metrics::MetricRecord], b: &[kiln::metrics::MetricRecord], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: different log lengths");
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(x.step, y.step, "{what}");
-        for (p, q) in [(x.train_loss, y.train_loss), (x.val_loss, y.val_loss)] {
-            assert_eq!(p.is_some(), q.is_some(), "{what}: step {}", x.step);
-            if let (Some(p), Some(q)) = (p, q) {
-                assert!((p - q).abs() <= 2e-4 * p.abs(), "{what}: step {}: {p} against {q}", x.step);
-            }
-        }
-    }
-}
-
 /// A global batch of 16 windows gives the same run whether it is one micro-step of 16, two of
 /// 8 or four of 4: the loader serves the same windows (it deals in global batches), each
 /// micro-batch's gradient is of its share of the mean loss, and validation evaluates the same
@@ -350,10 +334,7 @@ fn an_accumulating_run_resumes_bit_exact_and_on_another_split_of_its_global_batc
 
     let (resumed_records, resumed_weights) = resume(4, 4).unwrap();
     assert!(resumed_weights == weights, "a resumed accumulating run ends elsewhere");
-    let strip = |rs: &[kiln::metrics::MetricRecord]| -> Vec<_> {
-        rs.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
-    };
-    assert_eq!(strip(&resumed_records), strip(&records));
+    assert_eq!(without_throughput(&resumed_records), without_throughput(&records));
 
     super::common::copy_dir(saved.path(), &b.path().join("out/checkpoints"));
     let (resplit_records, _) = resume(8, 2).unwrap();
