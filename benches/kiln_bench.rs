@@ -1,8 +1,10 @@
 //! kiln's benchmark: every comparison measured side by side in one run, alternating between
 //! kiln and its reference on every repetition, reported as medians in one table.
 //!
-//!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate,data]
+//!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- [--reps 3] [--quick] [--kiln-only] [--only train,checkpoint,stall,generate,data,scaling]
 //!     cargo test --release --features wgpu,cuda,mpi --bench kiln_bench               (the smoke test: each CPU section once)
+//!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- --only gguf     (llama.cpp running kiln's
+//!                                                   GGUF files; needs llama-cpp-python)
 //!     cargo bench --features wgpu,cuda,mpi --bench kiln_bench -- --only gpu      (on a GPU machine: gpu-train,
 //!                                                   gpu-stall; `bash scripts/setup-cuda.sh` first)
 //!
@@ -741,6 +743,145 @@ fn data_section(rows: &mut Vec<Row>, reps: usize, smoke: bool, quick: bool) -> R
     Ok(())
 }
 
+/// Data-parallel scaling on this machine: the small shape's global batch of 16 trained by one
+/// process on two threads against two processes (`kiln train --nproc 2`, one thread each, 8
+/// windows each), both through the CLI, and the gradient all-reduce's share of the
+/// two-process step (`allreduce_seconds` in `metrics.jsonl`). Throughput is the last log
+/// window's, which leaves out the first steps' warm-up and the final evaluation.
+fn scaling_section(rows: &mut Vec<Row>, reps: usize, quick: bool) -> Result<()> {
+    if !cfg!(feature = "mpi") {
+        bail!("--only scaling needs a build with the mpi feature (cargo bench --features mpi)");
+    }
+    let steps = if quick { 4 } else { 12 };
+    let dir = tempfile::tempdir_in(repo().join("target"))?;
+    let kiln_bin = env!("CARGO_BIN_EXE_kiln");
+    let (mut one, mut two, mut share) = (vec![], vec![], vec![]);
+    for rep in 0..reps {
+        for nproc in [1usize, 2] {
+            let out = dir.path().join(format!("run-{rep}-{nproc}"));
+            let mut c = config(SMALL, BackendKind::Flex, &out)?;
+            c.data.cache_dir = dir.path().join("cache");
+            c.training.batch_size = SMALL.batch / nproc;
+            c.training.max_steps = steps;
+            c.training.log_every_steps = steps / 2;
+            c.training.eval_every_steps = steps;
+            let cfg = dir.path().join(format!("scaling-{nproc}.toml"));
+            std::fs::write(&cfg, c.to_toml_string())?;
+            let mut cmd = Command::new(kiln_bin);
+            cmd.arg("train").arg("--config").arg(&cfg).arg("--nproc").arg(nproc.to_string());
+            // Two cores in both runs, whatever the machine has.
+            cmd.env("RAYON_NUM_THREADS", (2 / nproc).to_string());
+            run_measured(&mut cmd, &dir.path().join("scaling.log"))?;
+            let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+            let record: kiln::metrics::MetricRecord = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<kiln::metrics::MetricRecord>(l).ok())
+                .filter(|r| r.tokens_per_sec.is_some())
+                .last()
+                .context("metrics.jsonl has no throughput line")?;
+            let tokens_per_sec = record.tokens_per_sec.unwrap_or(f64::NAN);
+            if nproc == 1 {
+                one.push(tokens_per_sec);
+            } else {
+                two.push(tokens_per_sec);
+                let step = (SMALL.batch * SMALL.seq_len) as f64 / tokens_per_sec;
+                share.push(100.0 * record.allreduce_seconds.context("a 2-process run logs allreduce_seconds")? / step);
+            }
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        eprintln!("bench: scaling: 1 x 2 threads {:.0} tok/s, 2 x 1 thread {:.0} tok/s, all-reduce {:.1}% of a step", last(&one), last(&two), last(&share));
+    }
+    let name = format!("train small (10.7M) global batch {}x{} on flex", SMALL.batch, SMALL.seq_len);
+    rows.push(Row {
+        benchmark: format!("{name}: 2 processes x 1 thread (--nproc 2)"),
+        kiln: median(two),
+        reference: reference("1 process x 2 threads", one),
+        unit: "tok/s",
+        higher_is_better: true,
+        goal: "",
+    });
+    rows.push(Row {
+        benchmark: format!("{name}: gradient all-reduce, 2 processes"),
+        kiln: median(share),
+        reference: None,
+        unit: "% of a step",
+        higher_is_better: false,
+        goal: "",
+    });
+    Ok(())
+}
+
+/// llama.cpp running kiln's GGUF files (`--only gguf`; needs llama-cpp-python, which compiles
+/// llama.cpp from source, so it is not part of the smoke test): a small byte-level-BPE Llama
+/// trained briefly, written as f32 and q8_0 GGUF, scored on a held-out text and continued
+/// greedily by llama.cpp and by kiln (reading the same file), on token ids. The f32 file must
+/// give kiln's loss to 1e-3 relative and kiln's greedy tokens; q8_0 is reported.
+fn gguf_section(rows: &mut Vec<Row>) -> Result<()> {
+    use kiln::config::{TokenizerKind, TokenizerSetting};
+    let dir = tempfile::tempdir_in(repo().join("target"))?;
+    let kiln_bin = env!("CARGO_BIN_EXE_kiln");
+    let mut c = config(Shape { bpe_vocab: Some(512), ..TINY }, BackendKind::Flex, &dir.path().join("run"))?;
+    c.data.tokenizer = TokenizerSetting::Train(TokenizerKind::Bpe);
+    c.training.max_steps = 200;
+    c.training.eval_every_steps = 200;
+    c.export.at_end = true;
+    let mut learner = Learner::new(c)?;
+    learner.fit()?;
+    let bundle = learner.exported.last().context("the final bundle")?.clone();
+    let text = std::fs::read_to_string(repo().join("data/shakespeare.txt"))?;
+    let ids = learner.tokenizer.encode(&text[text.len() - 3000..])?;
+    let ids = &ids[..ids.len().min(TINY.seq_len.max(256) - 8)];
+    let ids_path = dir.path().join("ids.json");
+    std::fs::write(&ids_path, serde_json::to_string(ids)?)?;
+    let (prompt_len, new_tokens) = (16, 32);
+    for ty in ["f32", "q8_0"] {
+        let file = dir.path().join(format!("model-{ty}.gguf"));
+        let out = Command::new(kiln_bin).args(["quantize"]).arg(&bundle).args(["--type", ty, "--out"]).arg(&file).output()?;
+        anyhow::ensure!(out.status.success(), "kiln quantize: {}", String::from_utf8_lossy(&out.stderr));
+        // kiln on the same file, read back dequantized.
+        let model_dir = dir.path().join(format!("back-{ty}"));
+        kiln::gguf_model::GgufModel::open(&file)?.write_dir(&model_dir)?;
+        let device = kiln::backend::device(BackendKind::Flex)?;
+        let p = kiln::pretrained::load(&model_dir, &device, &kiln::pretrained::LoadOptions::with_rules(&[])?)?;
+        let ours = kiln::evaluate::score(&p.model, ids, ids.len(), 1, &device)?.cross_entropy;
+        let options = SamplingOptions { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, seed: 0, eos_token_ids: vec![] };
+        let our_greedy = generate_ids(&p.model, &ids[..prompt_len], &options, &device)?;
+        let reply = Command::new("python3")
+            .arg(repo().join("benches/llama_cpp_check.py"))
+            .arg(&file)
+            .arg(&ids_path)
+            .args(["--prompt-len", &prompt_len.to_string(), "--new-tokens", &new_tokens.to_string()])
+            .output()?;
+        anyhow::ensure!(reply.status.success(), "llama_cpp_check.py failed (needs `pip install cmake ninja llama-cpp-python`): {}", String::from_utf8_lossy(&reply.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(reply.stdout.trim_ascii())?;
+        let theirs = reply["cross_entropy"].as_f64().unwrap_or(f64::NAN);
+        let their_greedy: Vec<u32> = reply["greedy"].as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as u32)).collect();
+        let same = our_greedy.iter().zip(&their_greedy).take_while(|(a, b)| a == b).count();
+        eprintln!("bench: gguf {ty}: llama.cpp loss {theirs:.5}, kiln {ours:.5}; greedy agrees on {same} of {new_tokens} tokens");
+        if ty == "f32" {
+            anyhow::ensure!((theirs - ours).abs() <= 1e-3 * ours, "llama.cpp scores the f32 GGUF {theirs}, kiln {ours}");
+            anyhow::ensure!(same == new_tokens, "llama.cpp's greedy continuation {their_greedy:?} is not kiln's {our_greedy:?}");
+        }
+        rows.push(Row {
+            benchmark: format!("GGUF {ty} ({} tokens, 512-token BPE): cross-entropy in llama.cpp, kiln reading the same file", ids.len()),
+            kiln: ours,
+            reference: Some(("llama.cpp (llama-cpp-python)".to_string(), theirs)),
+            unit: "nats/token",
+            higher_is_better: false,
+            goal: if ty == "f32" { "1.00x" } else { "" },
+        });
+        rows.push(Row {
+            benchmark: format!("GGUF {ty}: greedy tokens llama.cpp continues as kiln does"),
+            kiln: same as f64,
+            reference: None,
+            unit: "of 32",
+            higher_is_better: true,
+            goal: if ty == "f32" { "32" } else { "" },
+        });
+    }
+    Ok(())
+}
+
 fn print_table(rows: &[Row]) {
     println!("| benchmark | kiln | reference | ratio | goal |");
     println!("| --- | ---: | --- | ---: | --- |");
@@ -776,7 +917,8 @@ fn main() -> Result<()> {
     REFERENCES.store(!flag("--kiln-only"), Ordering::Relaxed);
     // The GPU section trains a 124M model: only on request, and only where a real GPU is
     // (on a CPU Vulkan driver such as lavapipe it would run for hours).
-    let only = value("--only").unwrap_or_else(|| "train,checkpoint,stall,generate,data".into());
+    let every_cpu_section = if cfg!(feature = "mpi") { "train,checkpoint,stall,generate,data,scaling" } else { "train,checkpoint,stall,generate,data" };
+    let only = value("--only").unwrap_or_else(|| every_cpu_section.into());
     let wants = |s: &str| only.split(',').any(|o| o == s);
     // Both sides run on two threads, the machine size these figures are meant for.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -799,6 +941,12 @@ fn main() -> Result<()> {
     if wants("data") {
         data_section(&mut rows, reps, smoke, quick)?;
     }
+    if wants("scaling") {
+        scaling_section(&mut rows, reps, quick)?;
+    }
+    if wants("gguf") {
+        gguf_section(&mut rows)?;
+    }
     if wants("gpu") || wants("gpu-train") {
         gpu_train_section(&mut rows, reps)?;
     }
@@ -815,7 +963,11 @@ fn main() -> Result<()> {
 /// The smoke test's verdict: each CPU section gave its rows, and every figure, kiln's and the
 /// references', is a measurement (finite and positive; the memory row may be zero).
 fn check_smoke(rows: &[Row]) -> Result<()> {
-    for section in ["train ", "checkpoint ", "training thread blocked", "generate ", "prepare ", "kiln train to its first step", "loading a batch"] {
+    let mut sections = vec!["train ", "checkpoint ", "training thread blocked", "generate ", "prepare ", "kiln train to its first step", "loading a batch"];
+    if cfg!(feature = "mpi") {
+        sections.push("train small (10.7M) global batch");
+    }
+    for section in sections {
         anyhow::ensure!(rows.iter().any(|r| r.benchmark.starts_with(section)), "smoke test: no `{section}` rows");
     }
     for r in rows {

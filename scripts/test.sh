@@ -9,8 +9,9 @@
 #   tests are built with `cuda` too, so that it is compiled in the same single build (there is
 #   no GPU here to run it; its tests check the errors it gives without one).
 # - A Python virtual environment (`.venv`, or $KILN_TEST_VENV) with torch, transformers,
-#   safetensors, tokenizers (the references the compatibility tests compare kiln with) and
-#   pyarrow (which writes the parquet sources the dataset tests prepare). It
+#   safetensors, tokenizers (the references the compatibility tests compare kiln with),
+#   pyarrow (which writes the parquet sources the dataset tests prepare), gguf (llama.cpp's
+#   reader and reference quantizer) and mergekit (the reference of `kiln merge`). It
 #   sees the system's site-packages, so packages already installed are not downloaded again;
 #   what is missing is installed into it, never into the system.
 #
@@ -44,6 +45,11 @@ fi
 if ! "$venv/bin/python3" -c "import torch, transformers, safetensors, tokenizers, pyarrow" 2>/dev/null; then
   echo "test.sh: installing torch, transformers, safetensors, tokenizers, pyarrow into $venv"
   "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check torch transformers safetensors tokenizers pyarrow
+fi
+# The references kiln's GGUF and merge semantics were written against, pinned.
+if ! "$venv/bin/python3" -c "import gguf, mergekit, importlib.metadata as m; assert m.version('gguf') == '0.19.0' and m.version('mergekit') == '0.1.5'" 2>/dev/null; then
+  echo "test.sh: installing gguf 0.19.0 and mergekit 0.1.5 into $venv"
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check gguf==0.19.0 mergekit==0.1.5
 fi
 # The tests run `python3`: this environment's.
 export PATH="$(cd "$venv" && pwd)/bin:$PATH"

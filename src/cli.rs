@@ -31,7 +31,7 @@ pub enum Command {
     Prepare(PrepareArgs),
     /// Export any checkpoint as a Hugging Face-compatible inference bundle.
     Export(ExportArgs),
-    /// Generate text with a bundle or a Hugging Face Llama directory.
+    /// Generate text with a bundle, a Hugging Face directory or a GGUF file.
     Generate(GenerateArgs),
     /// Mean cross-entropy (nats/token) and perplexity of a model on a text file.
     Eval(EvalArgs),
@@ -40,9 +40,48 @@ pub enum Command {
     Inspect(InspectArgs),
     /// List the checkpoints of a run: kind, epoch, step, tracked metric, size, validity.
     Checkpoints(CheckpointsArgs),
-    /// Convert a weights file: a PyTorch .bin/.pt/.pth (read without running its pickle) to
-    /// .safetensors. Never overwrites OUT.
+    /// Convert a weights file by extension: a PyTorch .bin/.pt/.pth (read without running its
+    /// pickle) or a .gguf to .safetensors; any of them (or .safetensors) to a .json dump.
+    /// Never overwrites OUT.
     Convert(ConvertArgs),
+    /// Write a model (bundle, Hugging Face directory or checkpoint) as a GGUF file llama.cpp
+    /// runs: f32, f16, bf16, q8_0 or q4_0.
+    Quantize(QuantizeArgs),
+    /// Merge models with a mergekit YAML recipe (linear, slerp, task_arithmetic, ties,
+    /// dare_ties, dare_linear) into a bundle.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The mergekit recipe; model paths in it are relative to the current directory.
+    #[arg(long, value_name = "RECIPE.yml")]
+    pub config: PathBuf,
+    /// The bundle directory to write; must not exist yet.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Seed of the random masks of dare_ties and dare_linear.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Shard the weights past this size ("500MB", "2GB", or bytes).
+    #[arg(long, value_name = "SIZE", default_value = "2GB")]
+    pub max_shard_size: String,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// A kiln bundle, a Hugging Face directory (Llama, Mistral, Qwen2) or a kiln checkpoint.
+    pub model: PathBuf,
+    /// The matrices' encoding: f32, f16, bf16, q8_0 or q4_0 (norms and biases stay f32).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_quant_type)]
+    pub ty: crate::quantize::QuantType,
+    /// The .gguf file to write; must not exist yet.
+    #[arg(long, value_name = "FILE.gguf")]
+    pub out: PathBuf,
+}
+
+fn parse_quant_type(s: &str) -> Result<crate::quantize::QuantType, String> {
+    crate::quantize::QuantType::parse(s).ok_or_else(|| format!("unknown type `{s}`; expected f32, f16, bf16, q8_0 or q4_0"))
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +110,10 @@ pub struct ExportArgs {
     /// `export.dtype`.
     #[arg(long, value_name = "DTYPE", value_parser = parse_export_dtype)]
     pub dtype: Option<crate::config::ExportDtype>,
+    /// A custom entry of the weights files' safetensors `__metadata__` (repeatable), over the
+    /// run's `export.metadata`.
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
 }
 
 fn parse_export_dtype(s: &str) -> Result<crate::config::ExportDtype, String> {
@@ -80,7 +123,8 @@ fn parse_export_dtype(s: &str) -> Result<crate::config::ExportDtype, String> {
 /// How to load a model directory.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// A kiln bundle or a Hugging Face Llama directory.
+    /// A kiln bundle, a Hugging Face directory, or a GGUF file of a Llama or Qwen2 model (read
+    /// dequantized).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Rename stored tensors: `PATTERN=REPLACEMENT` (regex, `$1` for groups; repeatable).
@@ -226,6 +270,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => crate::inspect::inspect(&args.file, args.json),
         Command::Checkpoints(args) => crate::inspect::checkpoints(&args.dir, args.json),
         Command::Convert(args) => crate::convert::convert(&args.input, &args.output),
+        Command::Quantize(args) => quantize(args),
+        Command::Merge(args) => merge(args),
     }
 }
 
@@ -397,7 +443,8 @@ fn export(args: ExportArgs) -> Result<()> {
         }
     };
     let dtype = args.dtype.unwrap_or(config.export.dtype);
-    let report = crate::export::export_checkpoint(&ck, &out, max_shard, dtype)?;
+    let metadata = crate::export::metadata_with(&config.export.metadata, &args.metadata)?;
+    let report = crate::export::export_checkpoint(&ck, &out, max_shard, dtype, &metadata)?;
     println!(
         "exported {} (step {}) to {} ({} weight file{})",
         ck.sidecar.name,
@@ -409,11 +456,37 @@ fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+fn merge(args: MergeArgs) -> Result<()> {
+    let max_shard = crate::export::parse_size(&args.max_shard_size)?;
+    let recipe = crate::merge::Recipe::read(&args.config)?;
+    let report = crate::merge::Merger::new(recipe, args.seed)?.write(&args.out, max_shard)?;
+    println!("merged into {} ({} weight file{})", report.dir.display(), report.shards, if report.shards == 1 { "" } else { "s" });
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let report = crate::quantize::quantize(&args.model, args.ty, &args.out)?;
+    if !report.fallbacks.is_empty() {
+        eprintln!("kiln: rows not divisible into 32-value blocks, kept as F16: {}", report.fallbacks.join(", "));
+    }
+    println!("wrote {} ({} tensors, {})", args.out.display(), report.tensors, crate::inspect::human_bytes(report.bytes));
+    Ok(())
+}
+
 fn load_model(args: &ModelArgs) -> Result<(crate::pretrained::Pretrained, burn::tensor::Device)> {
     let device = crate::backend::device(args.backend)?;
     let mut options = crate::pretrained::LoadOptions::with_rules(&args.key_map)?;
     options.allow_partial = args.allow_partial;
-    let p = crate::pretrained::load(&args.model, &device, &options)?;
+    // A GGUF file is read as the Hugging Face directory it describes, dequantized.
+    let p = if args.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let dir = std::env::temp_dir().join(format!("kiln-gguf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = crate::gguf_model::GgufModel::open(&args.model).and_then(|m| m.write_dir(&dir)).and_then(|()| crate::pretrained::load(&dir, &device, &options));
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded?
+    } else {
+        crate::pretrained::load(&args.model, &device, &options)?
+    };
     if !p.report.reindexed_layers.is_empty() {
         let pairs: Vec<String> = p.report.reindexed_layers.iter().map(|(a, b)| format!("{a} as {b}")).collect();
         eprintln!("kiln: layer indices have gaps; loaded layers {} in order", pairs.join(", "));

@@ -4,6 +4,7 @@
 //! wrong types are errors that name the full key (`model.hiden_size`), and `validate` rejects
 //! values that parse but cannot work together (`num_heads` not dividing `hidden_size`, ...).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,9 @@ pub struct ExportConfig {
     /// The dtype of the bundle's weights (`torch_dtype` in its `config.json`); checkpoints stay
     /// fp32 whatever it is.
     pub dtype: ExportDtype,
+    /// Custom entries of the weights files' safetensors `__metadata__` (`[export.metadata]`,
+    /// strings), beside the `"format": "pt"` transformers reads.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A bundle's weight dtype, named as `config.json`'s `torch_dtype` (`bf16`/`fp16` accepted).
@@ -427,6 +431,7 @@ impl Default for ExportConfig {
             on_best: true,
             at_end: true,
             dtype: ExportDtype::Float32,
+            metadata: BTreeMap::new(),
         }
     }
 }
@@ -733,6 +738,9 @@ impl Config {
             .map_err(|err| key_error("export.max_shard_size", err.to_string()))?;
         if e.version.is_empty() || e.version.contains(['/', '\\']) || e.version.starts_with('.') {
             return Err(key_error("export.version", format!("{:?} cannot be part of a directory name", e.version)));
+        }
+        if let Err(message) = crate::export::check_metadata(&e.metadata) {
+            return Err(key_error("export.metadata", message));
         }
         if let Some(rule) = self.model.init_key_map.iter().find(|r| !r.contains('=')) {
             return Err(key_error("model.init_key_map", format!("rule {rule:?} is not PATTERN=REPLACEMENT")));

@@ -35,6 +35,35 @@ pub struct Bundle {
     pub loss_curve_svg: Option<String>,
     /// The weights' dtype, written as `torch_dtype`.
     pub dtype: ExportDtype,
+    /// Custom `__metadata__` entries of every weights file (see [`check_metadata`]).
+    pub metadata: BTreeMap<String, String>,
+    /// The model card, when not the one made from `training_metadata` (a merge's).
+    pub card: Option<String>,
+}
+
+/// Refuses custom safetensors metadata that would clash with what loaders read: the `format`
+/// key (transformers requires `"pt"`) and empty keys.
+pub fn check_metadata(metadata: &BTreeMap<String, String>) -> std::result::Result<(), String> {
+    if metadata.contains_key("format") {
+        return Err("`format` is kiln's (\"pt\", which transformers requires); choose another key".into());
+    }
+    if metadata.contains_key("") {
+        return Err("a key is empty".into());
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` pairs (`kiln export --metadata`) over `base` (the run's `export.metadata`).
+pub fn metadata_with(base: &BTreeMap<String, String>, pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut metadata = base.clone();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("--metadata {pair:?}: expected KEY=VALUE");
+        };
+        metadata.insert(key.to_string(), value.to_string());
+    }
+    check_metadata(&metadata).map_err(|e| anyhow!("--metadata: {e}"))?;
+    Ok(metadata)
 }
 
 /// Parses a shard size as Hugging Face does: decimal units (`"500MB"`, `"2GB"`), binary units
@@ -214,7 +243,10 @@ fn fill(
     if let Some(svg) = &bundle.loss_curve_svg {
         put(&mut files, "loss_curve.svg", svg.as_bytes())?;
     }
-    let card = model_card(&arch, &bundle.training_metadata, bundle.loss_curve_svg.is_some(), &bundle.tokenizer);
+    let card = match &bundle.card {
+        Some(card) => card.clone(),
+        None => model_card(&arch, &bundle.training_metadata, bundle.loss_curve_svg.is_some(), &bundle.tokenizer),
+    };
     put(&mut files, "README.md", card.as_bytes())?;
 
     // Weights, sharded past the limit.
@@ -230,7 +262,8 @@ fn fill(
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum();
     let plan = plan_shards(&sizes, max_shard_size);
-    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = bundle.metadata.clone();
+    metadata.insert("format".to_string(), "pt".to_string());
     let mut slots: Vec<Option<PendingTensor>> = bundle.tensors.into_iter().map(Some).collect();
     let n = plan.len();
     let mut weight_map = BTreeMap::new();
@@ -465,6 +498,7 @@ pub fn export_checkpoint(
     dir: &Path,
     max_shard_size: u64,
     dtype: ExportDtype,
+    metadata: &BTreeMap<String, String>,
 ) -> Result<ExportReport> {
     let s = &ck.sidecar;
     let tokenizer = KilnTokenizer::from_json(&s.tokenizer.to_string(), s.special_tokens.clone())?;
@@ -490,8 +524,33 @@ pub fn export_checkpoint(
         training_metadata: training_metadata(s, &bundle_name),
         loss_curve_svg: crate::plot::loss_curve_svg(&s.metrics_history, &format!("{bundle_name}: loss curve")),
         dtype,
+        metadata: metadata.clone(),
+        card: None,
     };
     write_bundle(dir, bundle, max_shard_size)
+}
+
+/// The safetensors dtype of a bundle exported in `dtype`.
+pub fn safetensors_dtype(dtype: ExportDtype) -> safetensors::Dtype {
+    match dtype {
+        ExportDtype::Float32 => safetensors::Dtype::F32,
+        ExportDtype::Bfloat16 => safetensors::Dtype::BF16,
+        ExportDtype::Float16 => safetensors::Dtype::F16,
+    }
+}
+
+/// f32 values as little-endian bytes of `dtype` (see [`narrow`]).
+pub fn narrow_values(values: &[f32], dtype: ExportDtype) -> Vec<u8> {
+    narrow(&crate::safetensors_io::f32_bytes(values), dtype).1
+}
+
+/// Rounds f32 values to the nearest `dtype` value, in place (as a cast to it and back).
+pub fn round_to(values: &mut [f32], dtype: ExportDtype) {
+    match dtype {
+        ExportDtype::Float32 => {}
+        ExportDtype::Bfloat16 => values.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        ExportDtype::Float16 => values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+    }
 }
 
 /// Little-endian f32 bytes as `dtype`, rounded to nearest even as PyTorch's `.to()` does.

@@ -35,6 +35,43 @@ pub fn describe_file(path: &Path) -> Result<Value> {
     }))
 }
 
+/// The facts `inspect` reports about a GGUF file: its metadata (long arrays shortened to their
+/// first items and length) and tensors.
+pub fn describe_gguf(path: &Path) -> Result<Value> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    let metadata: serde_json::Map<String, Value> = file.metadata.iter().map(|(k, v)| (k.clone(), Value::String(v.display()))).collect();
+    let tensors: Vec<Value> = file
+        .tensors
+        .iter()
+        .map(|t| json!({"name": t.name, "type": t.ty.name(), "shape": t.shape, "bytes": t.byte_len()}))
+        .collect();
+    let parameters: u64 = file.tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    Ok(json!({
+        "path": path.display().to_string(),
+        "bytes": std::fs::metadata(path)?.len(),
+        "gguf_version": file.version,
+        "alignment": file.alignment,
+        "metadata": metadata,
+        "parameters": parameters,
+        "tensors": tensors,
+    }))
+}
+
+fn print_gguf(r: &Value) {
+    println!("file        {}", r["path"].as_str().unwrap_or(""));
+    println!("format      GGUF v{} (alignment {})", r["gguf_version"], r["alignment"]);
+    println!("size        {}", human_bytes(r["bytes"].as_u64().unwrap_or(0)));
+    println!("parameters  {}", r["parameters"]);
+    println!("metadata");
+    for (k, v) in r["metadata"].as_object().into_iter().flatten() {
+        println!("  {k} = {}", v.as_str().unwrap_or(""));
+    }
+    println!("tensors");
+    for t in r["tensors"].as_array().into_iter().flatten() {
+        println!("  {:<40} {:<5} {:?}", t["name"].as_str().unwrap_or(""), t["type"].as_str().unwrap_or(""), t["shape"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect::<Vec<_>>()).unwrap_or_default());
+    }
+}
+
 /// Sidecar summary of the checkpoint `path` belongs to, with its verification result; `None`
 /// when the file is not part of a checkpoint.
 fn describe_checkpoint(path: &Path) -> Option<Value> {
@@ -170,6 +207,15 @@ fn print_bundle(r: &Value) {
 }
 
 pub fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let report = describe_gguf(path)?;
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_gguf(&report);
+        }
+        return Ok(());
+    }
     // A bundle (directory) or its shard index describes the whole model.
     let bundle_dir = if path.is_dir() {
         Some(path.to_path_buf())

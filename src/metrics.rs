@@ -28,6 +28,10 @@ pub struct MetricRecord {
     pub loss_scale: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skipped_steps: Option<u64>,
+    /// Data-parallel runs: mean seconds per step spent summing the gradients over the ranks
+    /// (the all-reduce, waiting for the slowest rank included).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Appends records to `metrics.jsonl` (flushed per line, so a crash loses at most the line

@@ -124,13 +124,13 @@ impl WeightFiles {
 
 /// A directory's weights: safetensors, preferred when present, else PyTorch's
 /// `pytorch_model.bin` (or its shards).
-enum Stored {
+pub(crate) enum Stored {
     Safetensors(WeightFiles),
     Torch(TorchWeights),
 }
 
 impl Stored {
-    fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
         if dir.join(WEIGHTS_FILE).exists() || dir.join(INDEX_FILE).exists() {
             return WeightFiles::open(dir).map(Stored::Safetensors);
         }
@@ -144,15 +144,23 @@ impl Stored {
     }
 
     /// Every stored tensor name.
-    fn names(&self) -> Vec<String> {
+    pub(crate) fn names(&self) -> Vec<String> {
         match self {
             Stored::Safetensors(w) => w.names.keys().cloned().collect(),
             Stored::Torch(w) => w.names().keys().cloned().collect(),
         }
     }
 
+    /// The shape of stored tensor `stored`, if there is one of that name.
+    pub(crate) fn shape(&self, stored: &str) -> Option<Vec<usize>> {
+        match self {
+            Stored::Safetensors(w) => w.names.get(stored).and_then(|&i| w.files[i].info(stored).ok()).map(|info| info.shape.clone()),
+            Stored::Torch(w) => w.names().get(stored).map(|t| t.shape.clone()),
+        }
+    }
+
     /// Tensor `stored` in Hugging Face layout, or (`transposed`) transposed to Burn's.
-    fn read(&self, stored: &str, hf_shape: &[usize], transposed: bool) -> Result<Vec<f32>, String> {
+    pub(crate) fn read(&self, stored: &str, hf_shape: &[usize], transposed: bool) -> Result<Vec<f32>, String> {
         use params::ParamSource;
         match self {
             Stored::Safetensors(w) => {

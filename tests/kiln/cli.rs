@@ -98,3 +98,78 @@ fn every_command_has_help() {
         assert!(String::from_utf8_lossy(&output.stdout).contains("Usage"));
     }
 }
+
+/// The safetensors `__metadata__` of `path`, read from the header as the format defines it
+/// (8-byte little-endian length, then JSON), not through kiln.
+fn safetensors_metadata(path: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+#[test]
+fn custom_safetensors_metadata_goes_into_bundles_and_inspect_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), 20_000);
+    let out = dir.path().join("out");
+    let body = format!(
+        "output_dir = {out:?}\n[model]\nhidden_size = 16\nnum_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\n\
+         intermediate_size = 32\nmax_position_embeddings = 16\n\
+         [data]\npath = {corpus:?}\nseq_len = 8\ncache_dir = {:?}\n\
+         [training]\nbatch_size = 2\nmax_steps = 2\neval_batches = 1\n\
+         [export]\non_best = false\n[export.metadata]\nlicense = \"mit\"\nproject = \"kiln tests\"\n",
+        dir.path().join("cache")
+    );
+    let config = write_config(dir.path(), &body);
+    let output = kiln().args(["train", "--config"]).arg(&config).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The bundle exported at the end of training carries the config's entries.
+    let final_bundle = out.join("models/inference/model_v1.0_final/model.safetensors");
+    assert_eq!(safetensors_metadata(&final_bundle), serde_json::json!({"format": "pt", "license": "mit", "project": "kiln tests"}));
+
+    // `kiln export --metadata` adds entries and overrides the config's.
+    let bundle = dir.path().join("exported");
+    let checkpoint = out.join("checkpoints/checkpoint_latest.safetensors");
+    let output = kiln()
+        .args(["export", "--checkpoint"])
+        .arg(&checkpoint)
+        .arg("--out")
+        .arg(&bundle)
+        .args(["--metadata", "license=apache-2.0", "--metadata", "author=a=b"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let weights = bundle.join("model.safetensors");
+    assert_eq!(
+        safetensors_metadata(&weights),
+        serde_json::json!({"format": "pt", "license": "apache-2.0", "project": "kiln tests", "author": "a=b"})
+    );
+    let output = kiln().arg("inspect").arg(&weights).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for text in ["license", "apache-2.0", "author", "a=b", "project"] {
+        assert!(stdout.contains(text), "inspect does not show {text}:\n{stdout}");
+    }
+
+    // Refused: kiln's own `format` key, a pair without `=`, and the same in the config.
+    for (pair, message) in [("format=np", "format"), ("license", "KEY=VALUE")] {
+        let output = kiln()
+            .args(["export", "--checkpoint"])
+            .arg(&checkpoint)
+            .arg("--out")
+            .arg(dir.path().join("refused"))
+            .args(["--metadata", pair])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{pair}: {stderr}");
+        assert!(stderr.contains(message) && !stderr.contains("panicked"), "{pair}: {stderr}");
+        assert!(!dir.path().join("refused").exists());
+    }
+    let bad = write_config(dir.path(), &body.replace("license = \"mit\"", "format = \"np\""));
+    let output = kiln().args(["train", "--config"]).arg(&bad).arg("--output-dir").arg(dir.path().join("bad")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("export.metadata"), "{stderr}");
+}

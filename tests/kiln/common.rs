@@ -84,5 +84,5 @@ pub fn assert_same_losses(a: &[kiln::metrics::MetricRecord], b: &[kiln::metrics:
 
 /// The records without their wall-clock throughput, which no two runs share.
 pub fn without_throughput(records: &[kiln::metrics::MetricRecord]) -> Vec<kiln::metrics::MetricRecord> {
-    records.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, ..r.clone() }).collect()
+    records.iter().map(|r| kiln::metrics::MetricRecord { tokens_per_sec: None, allreduce_seconds: None, ..r.clone() }).collect()
 }

@@ -22,5 +22,7 @@ mod writer;
 mod reader;
 mod pytorch;
 mod dataset;
+mod gguf;
+mod merge;
 #[cfg(feature = "mpi")]
 mod distributed;

@@ -235,7 +235,7 @@ fn convert_writes_what_safetensors_torch_writes() {
         let run = convert(&d.join(input), &d.join(output));
         assert!(!run.status.success(), "{input} -> {output}");
         let err = stderr(&run);
-        assert!(err.contains("supported: a PyTorch file (.bin, .pt or .pth) to .safetensors"), "{err}");
+        assert!(err.contains("supported: a PyTorch file (.bin, .pt or .pth) or a .gguf to .safetensors, and any of these or a .safetensors to .json"), "{err}");
         assert!(!d.join(output).exists());
     }
 }
