@@ -829,12 +829,16 @@ fn gguf_section(rows: &mut Vec<Row>) -> Result<()> {
     learner.fit()?;
     let bundle = learner.exported.last().context("the final bundle")?.clone();
     let text = std::fs::read_to_string(repo().join("data/shakespeare.txt"))?;
-    let ids = learner.tokenizer.encode(&text[text.len() - 3000..])?;
+    let sample = &text[text.len() - 3000..];
+    let text_path = dir.path().join("text.txt");
+    std::fs::write(&text_path, sample)?;
+    let all_ids = learner.tokenizer.encode(sample)?;
+    let ids = &all_ids;
     let ids = &ids[..ids.len().min(TINY.seq_len.max(256) - 8)];
     let ids_path = dir.path().join("ids.json");
     std::fs::write(&ids_path, serde_json::to_string(ids)?)?;
     let (prompt_len, new_tokens) = (16, 32);
-    for ty in ["f32", "q8_0"] {
+    for ty in ["f32", "q8_0", "q4_0"] {
         let file = dir.path().join(format!("model-{ty}.gguf"));
         let out = Command::new(kiln_bin).args(["quantize"]).arg(&bundle).args(["--type", ty, "--out"]).arg(&file).output()?;
         anyhow::ensure!(out.status.success(), "kiln quantize: {}", String::from_utf8_lossy(&out.stderr));
@@ -850,13 +854,17 @@ fn gguf_section(rows: &mut Vec<Row>) -> Result<()> {
             .arg(repo().join("benches/llama_cpp_check.py"))
             .arg(&file)
             .arg(&ids_path)
-            .args(["--prompt-len", &prompt_len.to_string(), "--new-tokens", &new_tokens.to_string()])
+            .args(["--prompt-len", &prompt_len.to_string(), "--new-tokens", &new_tokens.to_string(), "--text"])
+            .arg(&text_path)
             .output()?;
         anyhow::ensure!(reply.status.success(), "llama_cpp_check.py failed (needs `pip install cmake ninja llama-cpp-python`): {}", String::from_utf8_lossy(&reply.stderr));
         let reply: serde_json::Value = serde_json::from_slice(reply.stdout.trim_ascii())?;
         let theirs = reply["cross_entropy"].as_f64().unwrap_or(f64::NAN);
         let their_greedy: Vec<u32> = reply["greedy"].as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as u32)).collect();
         let same = our_greedy.iter().zip(&their_greedy).take_while(|(a, b)| a == b).count();
+        // llama.cpp's tokenizer, from the file's metadata, against kiln's.
+        let their_ids: Vec<u32> = reply["text_ids"].as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as u32)).collect();
+        anyhow::ensure!(their_ids == all_ids, "llama.cpp tokenizes the text into {} ids, kiln into {}; they differ", their_ids.len(), all_ids.len());
         eprintln!("bench: gguf {ty}: llama.cpp loss {theirs:.5}, kiln {ours:.5}; greedy agrees on {same} of {new_tokens} tokens");
         if ty == "f32" {
             anyhow::ensure!((theirs - ours).abs() <= 1e-3 * ours, "llama.cpp scores the f32 GGUF {theirs}, kiln {ours}");
@@ -877,6 +885,41 @@ fn gguf_section(rows: &mut Vec<Row>) -> Result<()> {
             unit: "of 32",
             higher_is_better: true,
             goal: if ty == "f32" { "32" } else { "" },
+        });
+    }
+    // Pretrained tokenizers in their three llama.cpp forms: Llama-2's byte-fallback BPE as
+    // `llama`, Llama-3's and GPT-2's byte-level BPE as `gpt2` (pre `llama-bpe`, `gpt-2`).
+    let hf_compat = |args: &[&str]| -> Result<()> {
+        let out = Command::new("python3").arg(repo().join("tests/python/hf_compat.py")).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "hf_compat.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let mixed = dir.path().join("mixed.txt");
+    std::fs::write(&mixed, "Hello world, héllo wörld! 12 345 6789\n\tTabs and  spaces. The quick brown fox's tail.\n")?;
+    let tokenizers = dir.path().join("tokenizers");
+    hf_compat(&["make-tokenizers", tokenizers.to_str().unwrap(), "--text", mixed.to_str().unwrap()])?;
+    std::fs::write(dir.path().join("hf-ids.json"), "[1, 40, 41]")?;
+    for (name, special) in [("llama2", "1,2"), ("llama3", "0,1"), ("gpt2", "0,0")] {
+        let hf = dir.path().join(format!("hf-{name}"));
+        hf_compat(&["make-model", hf.to_str().unwrap(), "--ids", dir.path().join("hf-ids.json").to_str().unwrap(), "--vocab", "500",
+            "--tokenizer-from", tokenizers.join(name).to_str().unwrap(), "--special-ids", special, "--new-tokens", "1"])?;
+        let file = dir.path().join(format!("{name}.gguf"));
+        let out = Command::new(kiln_bin).arg("quantize").arg(&hf).args(["--type", "f32", "--out"]).arg(&file).output()?;
+        anyhow::ensure!(out.status.success(), "kiln quantize {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let reply = Command::new("python3").arg(repo().join("benches/llama_cpp_check.py")).arg("tokens").arg(&file).arg(&mixed).output()?;
+        anyhow::ensure!(reply.status.success(), "llama_cpp_check.py tokens: {}", String::from_utf8_lossy(&reply.stderr));
+        let theirs: Vec<u32> = serde_json::from_slice::<serde_json::Value>(reply.stdout.trim_ascii())?["ids"]
+            .as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as u32)).collect();
+        let tokenizer = kiln::tokenizer::KilnTokenizer::from_dir(&hf)?.context("a tokenizer")?;
+        let ours = tokenizer.encode_corpus(&std::fs::read_to_string(&mixed)?)?;
+        eprintln!("bench: gguf tokenizer {name}: llama.cpp {} ids, kiln {} ids, equal: {}", theirs.len(), ours.len(), theirs == ours);
+        rows.push(Row {
+            benchmark: format!("GGUF tokenizer of a {name}-style tokenizer.json in llama.cpp: ids equal to kiln's on mixed text"),
+            kiln: f64::from(u8::from(theirs == ours)),
+            reference: None,
+            unit: "(1 = equal)",
+            higher_is_better: true,
+            goal: "1",
         });
     }
     Ok(())

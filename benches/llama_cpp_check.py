@@ -5,9 +5,11 @@ GGUF file kiln wrote with llama-cpp-python (which compiles llama.cpp from source
 each next token, one window) and continues a prompt greedily, both on token ids so that no
 tokenizer stands between the two sides.
 
-    llama_cpp_check.py MODEL.gguf IDS.json --prompt-len N --new-tokens K
+    llama_cpp_check.py MODEL.gguf IDS.json --prompt-len N --new-tokens K [--text FILE]
+    llama_cpp_check.py tokens MODEL.gguf TEXT      (tokenizer only: {"ids": [...]})
 
-Prints one JSON line: cross_entropy, greedy (the K new ids), seconds.
+Prints one JSON line: cross_entropy, greedy (the K new ids), seconds, and with --text the ids
+llama.cpp's own tokenizer gives that text (no BOS, special tokens as text).
 """
 
 import argparse
@@ -18,12 +20,22 @@ import numpy as np
 from llama_cpp import Llama
 
 
+def tokens(model, text):
+    """`tokens MODEL.gguf TEXT`: the ids llama.cpp's tokenizer (from the file alone) gives a text."""
+    llm = Llama(model_path=model, vocab_only=True, verbose=False)
+    print(json.dumps({"ids": llm.tokenize(open(text, "rb").read(), add_bos=False, special=False)}))
+
+
 def main():
+    import sys
+    if sys.argv[1:2] == ["tokens"]:
+        return tokens(sys.argv[2], sys.argv[3])
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("ids")
     parser.add_argument("--prompt-len", type=int, required=True)
     parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--text")
     args = parser.parse_args()
     ids = json.load(open(args.ids))
     started = time.time()
@@ -44,7 +56,10 @@ def main():
         greedy.append(int(token))
         if len(greedy) == args.new_tokens:
             break
-    print(json.dumps({"cross_entropy": ce, "greedy": greedy, "seconds": time.time() - started}))
+    reply = {"cross_entropy": ce, "greedy": greedy, "seconds": time.time() - started}
+    if args.text:
+        reply["text_ids"] = llm.tokenize(open(args.text, "rb").read(), add_bos=False, special=False)
+    print(json.dumps(reply))
 
 
 if __name__ == "__main__":

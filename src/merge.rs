@@ -305,16 +305,50 @@ struct Planned {
     t: f64,
 }
 
-/// Where a layer tensor's name holds its layer index.
+/// Where a layer tensor's name holds its layer index: Llama-family's and GPT-2's.
+const LAYER_PREFIXES: [&str; 2] = ["model.layers.", "transformer.h."];
+
+/// A layer tensor's name and its layer index.
+fn split_layer(name: &str) -> Option<(&'static str, usize, &str)> {
+    LAYER_PREFIXES.iter().find_map(|prefix| {
+        let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+        Some((*prefix, layer.parse().ok()?, rest))
+    })
+}
+
 fn with_layer(name: &str, layer: usize) -> String {
-    match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
-        Some((_, rest)) => format!("model.layers.{layer}.{rest}"),
+    match split_layer(name) {
+        Some((prefix, _, rest)) => format!("{prefix}{layer}.{rest}"),
         None => name.to_string(),
     }
 }
 
 fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split_once('.')?.0.parse().ok()
+    split_layer(name).map(|(_, layer, _)| layer)
+}
+
+/// The tensors before the layers (embeddings), which come from the first slice; the others
+/// outside the layers (final norm, head) come from the last.
+fn is_embedding(name: &str) -> bool {
+    matches!(name, crate::model::llama::EMBEDDING | "transformer.wte.weight" | "transformer.wpe.weight")
+}
+
+fn num_layers(arch: &ArchConfig) -> usize {
+    match arch {
+        ArchConfig::Gpt2(c) => c.n_layer,
+        other => other.llama_shape().map_or(0, |s| s.num_layers),
+    }
+}
+
+/// `arch` with `layers` layers.
+fn with_layers(arch: &ArchConfig, layers: usize) -> ArchConfig {
+    match arch {
+        ArchConfig::Gpt2(c) => ArchConfig::Gpt2(crate::model::Gpt2Config { n_layer: layers, ..c.clone() }),
+        other => {
+            let shape = other.llama_shape().expect("a Llama-family architecture");
+            ArchConfig::of_shape(other.architecture(), &LlamaShape { num_layers: layers, ..shape }, other.initializer_range())
+        }
+    }
 }
 
 pub struct Merger {
@@ -343,12 +377,11 @@ impl Merger {
                 bail!("model `{name}` is a {}, the others {}: kiln merges models of one architecture", m.arch.architecture().class_name(), donor_arch.architecture().class_name());
             }
         }
-        let layers_of = |m: &str| models[m].arch.llama_shape().map(|s| s.num_layers);
         // Slices resolve their layer ranges; `models:` takes every layer of each model.
         let mut slices = recipe.slices.clone();
         for slice in &mut slices {
             for source in &mut slice.sources {
-                let n = layers_of(&source.model).ok_or_else(|| anyhow!("model `{}`: kiln merges Llama-family models (Llama, Mistral, Qwen2)", source.model))?;
+                let n = num_layers(&models[&source.model].arch);
                 if source.layers.1 == usize::MAX {
                     source.layers = (0, n);
                 }
@@ -361,8 +394,7 @@ impl Merger {
             }
         }
         let total_layers: usize = slices.iter().map(|s| s.sources[0].layers.1 - s.sources[0].layers.0).sum();
-        let shape = donor_arch.llama_shape().expect("checked above");
-        let arch = ArchConfig::of_shape(donor_arch.architecture(), &LlamaShape { num_layers: total_layers, ..shape }, donor_arch.initializer_range());
+        let arch = if total_layers == num_layers(&donor_arch) { donor_arch.clone() } else { with_layers(&donor_arch, total_layers) };
 
         // Every output tensor: embeddings from the first slice, the final norm and head from
         // the last, both at t = 0; layer tensors at their place in their slice.
@@ -370,7 +402,7 @@ impl Merger {
         let names = arch.hf_param_names();
         let (first, last) = (0, slices.len() - 1);
         for name in names.iter().filter(|n| layer_of(n).is_none()) {
-            let slice = if name == crate::model::llama::EMBEDDING { first } else { last };
+            let slice = if is_embedding(name) { first } else { last };
             plan.push(Planned { name: name.clone(), slice, inputs: vec![name.clone(); slices[slice].sources.len()], t: 0.0 });
         }
         let mut out_layer = 0;
@@ -564,7 +596,7 @@ impl Merger {
              mergekit's `{:?}` semantics from:\n\n{}\n\n## Recipe\n\n```yaml\n{}\n```\n",
             self.arch.architecture().model_type(),
             self.arch.num_params(),
-            self.arch.llama_shape().map_or(0, |s| s.num_layers),
+            num_layers(&self.arch),
             tokenizer.describe(),
             self.donor,
             env!("CARGO_PKG_VERSION"),

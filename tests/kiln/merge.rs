@@ -32,7 +32,7 @@ fn models() -> (tempfile::TempDir, PathBuf) {
 /// `recipe` with `{name}` replaced by the path of model `name`.
 fn recipe(models: &Path, text: &str) -> String {
     let mut out = text.to_string();
-    for name in ["base", "a", "b", "c", "far", "para", "wide"] {
+    for name in ["base", "a", "b", "c", "far", "para", "wide", "gpt2a", "gpt2b"] {
         out = out.replace(&format!("{{{name}}}"), models.join(name).to_str().unwrap());
     }
     out
@@ -51,7 +51,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 /// Recipes covering each method, parameter precedence, gradients, filters and slices (every
 /// one in float32, so that mergekit's arithmetic is f32 as kiln's).
-const RECIPES: [(&str, &str); 12] = [
+const RECIPES: [(&str, &str); 13] = [
     ("linear", "merge_method: linear\ndtype: float32\nmodels:\n  - model: {a}\n    parameters: {weight: 0.6}\n  - model: {b}\n    parameters: {weight: 0.4}\n"),
     (
         "linear-gradients-filters",
@@ -91,6 +91,7 @@ const RECIPES: [(&str, &str); 12] = [
         "slices",
         "merge_method: linear\ndtype: float32\nparameters: {weight: 0.5}\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n        parameters: {weight: [0.1, 0.9]}\n      - model: {b}\n        layer_range: [0, 2]\n  - sources:\n      - model: {a}\n        layer_range: [3, 4]\n      - model: {b}\n        layer_range: [1, 2]\n    parameters: {weight: [0.2, 0.8]}\n",
     ),
+    ("gpt2-ties", "merge_method: ties\ndtype: float32\nbase_model: {gpt2a}\nmodels:\n  - model: {gpt2b}\n    parameters: {weight: [0.3, 1.0], density: 0.5}\n"),
 ];
 
 #[test]

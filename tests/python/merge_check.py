@@ -4,7 +4,8 @@
 make-models OUT: small Llama directories (float32 safetensors, config.json, a character
                  tokenizer): `base`; `a`, `b`, `c`, each the base plus independent noise on
                  every tensor; `far`, an independent model; `para`, twice the base (parallel to
-                 it, which sends slerp to its linear fallback); `wide`, another shape.
+                 it, which sends slerp to its linear fallback); `wide`, another shape; `gpt2a`,
+                 `gpt2b`, two GPT-2s.
 run RECIPE OUT:  mergekit (0.1.5, the reference) on the recipe, offline, on the CPU.
 
 Every failure exits non-zero with a message; success prints one JSON line.
@@ -18,7 +19,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
 def fail(message):
@@ -69,7 +70,15 @@ def make_models(args):
             p.mul_(2.0)
     save(para, f"{args.out}/para", vocab)
     save(model(8, intermediate_size=48), f"{args.out}/wide", vocab)
-    print(json.dumps({"models": ["base", "a", "b", "c", "far", "para", "wide"]}))
+    for i, name in enumerate(["gpt2a", "gpt2b"]):
+        torch.manual_seed(20 + i)
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                                          bos_token_id=None, eos_token_id=None))
+        with torch.no_grad():
+            for p in gpt2.parameters():
+                p.normal_(0.0, 0.1)
+        save(gpt2, f"{args.out}/{name}", vocab)
+    print(json.dumps({"models": ["base", "a", "b", "c", "far", "para", "wide", "gpt2a", "gpt2b"]}))
 
 
 def run(args):
