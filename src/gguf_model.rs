@@ -1,7 +1,8 @@
-//! A GGUF file of a Llama or Qwen2 model read back as the Hugging Face directory kiln loads
-//! (`config.json`, an F32 `model.safetensors`, `tokenizer.json`), so that `kiln generate`,
+//! A GGUF file of a Llama, Qwen2 or GPT-2 model read back as the Hugging Face directory kiln
+//! loads (`config.json`, an F32 `model.safetensors`, `tokenizer.json`), so that `kiln generate`,
 //! `kiln eval` and `kiln convert` take GGUF files: tensors dequantized, renamed from llama.cpp's
-//! names, Llama's query and key rows permuted back to Hugging Face's layout.
+//! names, Llama's query and key rows permuted back and GPT-2's Conv1D weights transposed back
+//! to Hugging Face's layout.
 //!
 //! The tokenizer is the `tokenizer.huggingface.json` kiln embeds when the file has it, else
 //! rebuilt from `tokenizer.ggml.*` for a byte-level BPE with GPT-2's pre-tokenizer.
@@ -26,6 +27,8 @@ pub struct GgufModel {
     names: Vec<(String, String)>,
     /// Heads by which a tensor's rows were permuted (Llama's query and key).
     permuted: BTreeMap<String, usize>,
+    /// GPT-2's Conv1D weights, stored transposed.
+    conv1d: std::collections::BTreeSet<String>,
     file: GgufFile,
 }
 
@@ -45,10 +48,13 @@ impl GgufModel {
         let file = GgufFile::open(path)?;
         let origin = path.display().to_string();
         let arch_name = file.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
+        if arch_name == "gpt2" {
+            return Self::open_gpt2(file);
+        }
         let (architecture, permute) = match arch_name.as_str() {
             "llama" => (Architecture::Llama, true),
             "qwen2" => (Architecture::Qwen2, false),
-            other => bail!("{origin}: general.architecture is {other:?}; kiln reads GGUF files of llama and qwen2 models"),
+            other => bail!("{origin}: general.architecture is {other:?}; kiln reads GGUF files of llama, qwen2 and gpt2 models"),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let n = |k: &str| get_u64(&file, &key(k)).map(|v| v as usize);
@@ -98,7 +104,43 @@ impl GgufModel {
             names.push((hf, gguf));
         }
         let tokenizer = read_tokenizer(&file).with_context(|| format!("{origin}: its tokenizer"))?;
-        Ok(Self { arch, tokenizer, names, permuted, file })
+        Ok(Self { arch, tokenizer, names, permuted, conv1d: Default::default(), file })
+    }
+
+    fn open_gpt2(file: GgufFile) -> Result<Self> {
+        let origin = file.path.display().to_string();
+        let n = |k: &str| get_u64(&file, &format!("gpt2.{k}")).map(|v| v as usize);
+        let rows = |name: &str| file.tensor(name).map(|t| t.shape[0]).ok_or_else(|| anyhow!("{origin}: no tensor {name}"));
+        let config = crate::model::Gpt2Config {
+            vocab_size: rows("token_embd.weight")?,
+            n_positions: rows("position_embd.weight")?,
+            n_embd: n("embedding_length")?,
+            n_layer: n("block_count")?,
+            n_head: n("attention.head_count")?,
+            n_inner: Some(n("feed_forward_length")?),
+            activation_function: "gelu_new".into(),
+            layer_norm_epsilon: get_f64(&file, "gpt2.attention.layer_norm_epsilon", 1e-5)?,
+            initializer_range: 0.02,
+            tie_word_embeddings: file.tensor("output.weight").is_none(),
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+        };
+        config.check(&origin)?;
+        let arch = ArchConfig::Gpt2(config);
+        let mut names = Vec::new();
+        let mut conv1d = std::collections::BTreeSet::new();
+        for hf in arch.hf_param_names() {
+            let gguf = crate::quantize::gpt2_tensor_name(&hf).ok_or_else(|| anyhow!("{origin}: no llama.cpp name for `{hf}`"))?;
+            if file.tensor(&gguf).is_none() {
+                bail!("{origin}: tensor {gguf} (`{hf}`) is missing");
+            }
+            if crate::quantize::is_conv1d_weight(&hf) {
+                conv1d.insert(hf.clone());
+            }
+            names.push((hf, gguf));
+        }
+        let tokenizer = read_tokenizer(&file).with_context(|| format!("{origin}: its tokenizer"))?;
+        Ok(Self { arch, tokenizer, names, permuted: BTreeMap::new(), conv1d, file })
     }
 
     /// The model's parameters as Hugging Face has them: name, shape, f32 values.
@@ -106,10 +148,15 @@ impl GgufModel {
         let (hf, gguf) = &self.names[index];
         let info = self.file.tensor(gguf).expect("checked when opened");
         let mut values = self.file.read_f32(gguf)?;
+        let mut shape = info.shape.clone();
         if let Some(&heads) = self.permuted.get(hf) {
             values = permute_rows(&values, heads, info.shape.get(1).copied().unwrap_or(1), true);
         }
-        Ok((hf.clone(), info.shape.clone(), values))
+        if let (true, &[rows, cols]) = (self.conv1d.contains(hf), info.shape.as_slice()) {
+            values = crate::params::transpose(&values, rows, cols);
+            shape = vec![cols, rows];
+        }
+        Ok((hf.clone(), shape, values))
     }
 
     pub fn num_tensors(&self) -> usize {

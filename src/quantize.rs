@@ -71,16 +71,127 @@ impl QuantType {
     }
 }
 
-/// The GGUF architecture a Llama-family model is written as, and whether its query and key
-/// rows are permuted (llama.cpp's `llama` rotates interleaved pairs; `qwen2` rotates halves as
-/// Hugging Face does).
-fn gguf_architecture(arch: &ArchConfig) -> Result<(&'static str, bool, LlamaShape)> {
-    let shape = arch.llama_shape();
-    match (arch, shape) {
-        (ArchConfig::Llama(_) | ArchConfig::Mistral(_), Some(s)) => Ok(("llama", true, s)),
-        (ArchConfig::Qwen2(_), Some(s)) => Ok(("qwen2", false, s)),
-        _ => bail!("kiln quantize writes Llama, Mistral and Qwen2 models; {} is not one yet", arch.architecture().class_name()),
+/// How a model's architecture is written in GGUF: llama.cpp's architecture name, its metadata
+/// keys, and for Llama the row permutation of the query and key (llama.cpp's `llama` rotates
+/// interleaved pairs; `qwen2` rotates halves as Hugging Face does; GPT-2 has no rotation but
+/// stores its Conv1D weights transposed, `[in, out]`, which the converter turns into Linear's
+/// `[out, in]`).
+enum Layout {
+    Llama { name: &'static str, permute: bool, shape: LlamaShape },
+    Gpt2(crate::model::Gpt2Config),
+}
+
+impl Layout {
+    fn of(arch: &ArchConfig) -> Result<Self> {
+        let shape = arch.llama_shape();
+        Ok(match (arch, shape) {
+            (ArchConfig::Llama(_) | ArchConfig::Mistral(_), Some(shape)) => Layout::Llama { name: "llama", permute: true, shape },
+            (ArchConfig::Qwen2(_), Some(shape)) => Layout::Llama { name: "qwen2", permute: false, shape },
+            (ArchConfig::Gpt2(c), _) => Layout::Gpt2(c.clone()),
+            _ => bail!("kiln quantize writes Llama, Mistral, Qwen2 and GPT-2 models, not {}", arch.architecture().class_name()),
+        })
     }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Layout::Llama { name, .. } => name,
+            Layout::Gpt2(_) => "gpt2",
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Layout::Llama { shape, .. } => shape.vocab_size,
+            Layout::Gpt2(c) => c.vocab_size,
+        }
+    }
+
+    /// The `<arch>.*` keys, with the types llama.cpp reads them as.
+    fn metadata(&self) -> Vec<(String, Value)> {
+        let key = |k: &str| format!("{}.{k}", self.name());
+        let u32 = |k: &str, v: usize| (key(k), Value::U32(v as u32));
+        match self {
+            Layout::Llama { shape, .. } => vec![
+                u32("vocab_size", shape.vocab_size),
+                u32("context_length", shape.max_position_embeddings),
+                u32("embedding_length", shape.hidden_size),
+                u32("block_count", shape.num_layers),
+                u32("feed_forward_length", shape.intermediate_size),
+                u32("rope.dimension_count", shape.head_dim()),
+                u32("attention.head_count", shape.num_heads),
+                u32("attention.head_count_kv", shape.num_kv_heads),
+                (key("attention.layer_norm_rms_epsilon"), Value::F32(shape.rms_norm_eps as f32)),
+                (key("rope.freq_base"), Value::F32(shape.rope_theta as f32)),
+            ],
+            Layout::Gpt2(c) => vec![
+                u32("vocab_size", c.vocab_size),
+                u32("context_length", c.n_positions),
+                u32("embedding_length", c.n_embd),
+                u32("block_count", c.n_layer),
+                u32("feed_forward_length", c.inner()),
+                u32("attention.head_count", c.n_head),
+                (key("attention.layer_norm_epsilon"), Value::F32(c.layer_norm_epsilon as f32)),
+            ],
+        }
+    }
+
+    fn tensor_name(&self, hf: &str) -> Option<String> {
+        match self {
+            Layout::Llama { .. } => gguf_tensor_name(hf),
+            Layout::Gpt2(_) => gpt2_tensor_name(hf),
+        }
+    }
+
+    /// A tensor's shape in GGUF's (row-major) terms, from Hugging Face's.
+    fn gguf_shape(&self, hf: &str, shape: Vec<usize>) -> Vec<usize> {
+        match (self, shape.as_slice()) {
+            (Layout::Gpt2(_), &[rows, cols]) if is_conv1d_weight(hf) => vec![cols, rows],
+            _ => shape,
+        }
+    }
+
+    /// A tensor's values in GGUF's layout, from Hugging Face's of `shape`.
+    fn gguf_values(&self, hf: &str, values: Vec<f32>, shape: &[usize]) -> Vec<f32> {
+        match (self, shape) {
+            (Layout::Llama { permute: true, shape: s, .. }, _) => match permuted_heads(hf, s) {
+                Some(heads) => permute_rows(&values, heads, shape.get(1).copied().unwrap_or(1), false),
+                None => values,
+            },
+            (Layout::Gpt2(_), &[rows, cols]) if is_conv1d_weight(hf) => crate::params::transpose(&values, rows, cols),
+            _ => values,
+        }
+    }
+}
+
+/// GPT-2's Conv1D weights, stored `[in, out]`.
+pub fn is_conv1d_weight(hf: &str) -> bool {
+    [".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"].iter().any(|s| hf.ends_with(s))
+}
+
+/// llama.cpp's name for a Hugging Face parameter of a GPT-2.
+pub fn gpt2_tensor_name(hf: &str) -> Option<String> {
+    const LAYER_PARTS: [(&str, &str); 6] = [
+        ("ln_1", "attn_norm"),
+        ("attn.c_attn", "attn_qkv"),
+        ("attn.c_proj", "attn_output"),
+        ("ln_2", "ffn_norm"),
+        ("mlp.c_fc", "ffn_up"),
+        ("mlp.c_proj", "ffn_down"),
+    ];
+    match hf {
+        "transformer.wte.weight" => return Some("token_embd.weight".into()),
+        "transformer.wpe.weight" => return Some("position_embd.weight".into()),
+        "transformer.ln_f.weight" => return Some("output_norm.weight".into()),
+        "transformer.ln_f.bias" => return Some("output_norm.bias".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("transformer.h.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = part.rsplit_once('.')?;
+    let (_, gguf) = LAYER_PARTS.iter().find(|(h, _)| *h == module)?;
+    Some(format!("blk.{layer}.{gguf}.{suffix}"))
 }
 
 /// llama.cpp's name for a Hugging Face parameter of a Llama-family model.
@@ -154,35 +265,25 @@ pub struct QuantizeReport {
 
 pub fn quantize(model: &Path, ty: QuantType, out: &Path) -> Result<QuantizeReport> {
     let files = ModelFiles::open(model)?;
-    let (arch_name, permute, shape) = gguf_architecture(&files.arch)?;
+    let layout = Layout::of(&files.arch)?;
     let tokenizer = files.tokenizer.as_ref().ok_or_else(|| anyhow!("{} has no tokenizer.json to embed in the GGUF file", model.display()))?;
     let name = model.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
 
-    let key = |k: &str| format!("{arch_name}.{k}");
     let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch_name.into())),
+        ("general.architecture".into(), Value::String(layout.name().into())),
         ("general.name".into(), Value::String(name)),
         ("general.file_type".into(), Value::U32(ty.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
-        (key("vocab_size"), Value::U32(shape.vocab_size as u32)),
-        (key("context_length"), Value::U32(shape.max_position_embeddings as u32)),
-        (key("embedding_length"), Value::U32(shape.hidden_size as u32)),
-        (key("block_count"), Value::U32(shape.num_layers as u32)),
-        (key("feed_forward_length"), Value::U32(shape.intermediate_size as u32)),
-        (key("rope.dimension_count"), Value::U32(shape.head_dim() as u32)),
-        (key("attention.head_count"), Value::U32(shape.num_heads as u32)),
-        (key("attention.head_count_kv"), Value::U32(shape.num_kv_heads as u32)),
-        (key("attention.layer_norm_rms_epsilon"), Value::F32(shape.rms_norm_eps as f32)),
-        (key("rope.freq_base"), Value::F32(shape.rope_theta as f32)),
     ];
-    metadata.extend(tokenizer_metadata(tokenizer, shape.vocab_size).with_context(|| format!("{}: its tokenizer", model.display()))?);
+    metadata.extend(layout.metadata());
+    metadata.extend(tokenizer_metadata(tokenizer, layout.vocab_size()).with_context(|| format!("{}: its tokenizer", model.display()))?);
 
     let names = files.names();
     let mut tensors = Vec::with_capacity(names.len());
     let mut fallbacks = Vec::new();
     for hf in &names {
-        let gguf = gguf_tensor_name(hf).ok_or_else(|| anyhow!("{}: no llama.cpp name for tensor `{hf}`", model.display()))?;
-        let dims = files.shape(hf)?;
+        let gguf = layout.tensor_name(hf).ok_or_else(|| anyhow!("{}: no llama.cpp name for tensor `{hf}`", model.display()))?;
+        let dims = layout.gguf_shape(hf, files.shape(hf)?);
         let wanted = ty.tensor_type();
         let stored = if dims.len() == 1 {
             TensorType::F32
@@ -195,12 +296,8 @@ pub fn quantize(model: &Path, ty: QuantType, out: &Path) -> Result<QuantizeRepor
         tensors.push((gguf, dims, stored));
     }
     let infos = crate::gguf::write_file(out, &metadata, &tensors, |i| {
-        let hf = &names[i];
-        let tensor = files.read(hf)?;
-        let values = match permuted_heads(hf, &shape).filter(|_| permute) {
-            Some(heads) => permute_rows(&tensor.values, heads, tensor.shape.get(1).copied().unwrap_or(1), false),
-            None => tensor.values,
-        };
+        let tensor = files.read(&names[i])?;
+        let values = layout.gguf_values(&names[i], tensor.values, &tensor.shape);
         Ok(crate::quants::quantize(&values, tensors[i].2))
     })?;
     Ok(QuantizeReport { tensors: infos.len(), bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0), fallbacks })

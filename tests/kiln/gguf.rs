@@ -26,8 +26,13 @@ fn s(p: &Path) -> &str {
 /// A tiny Llama with a 300-token byte-level BPE, trained a few steps and exported: every
 /// matrix row divides into 32-value blocks, so each type quantizes every matrix.
 fn bpe_bundle(dir: &Path, tokenizer: TokenizerKind) -> PathBuf {
+    bundle_of(dir, tokenizer, kiln::model::Architecture::Llama)
+}
+
+fn bundle_of(dir: &Path, tokenizer: TokenizerKind, architecture: kiln::model::Architecture) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let mut config = tiny_config(dir);
+    config.model.architecture = architecture;
     config.data.tokenizer = TokenizerSetting::Train(tokenizer);
     config.data.vocab_size = 300;
     config.model.hidden_size = 64;
@@ -79,6 +84,23 @@ fn quantized_files_hold_the_gguf_packages_own_blocks_and_read_back_as_it_reads_t
     let again = kiln(&["quantize", s(&bundle), "--type", "f32", "--out", s(&dir.path().join("model-f32.gguf"))]);
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+#[test]
+fn a_gpt2_is_written_as_llama_cpps_gpt2_and_reads_back_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_of(dir.path(), TokenizerKind::Bpe, kiln::model::Architecture::Gpt2);
+    for ty in ["f32", "q8_0"] {
+        let file = dir.path().join(format!("gpt2-{ty}.gguf"));
+        ok(kiln(&["quantize", s(&bundle), "--type", ty, "--out", s(&file)]), "kiln quantize");
+        let back = dir.path().join(format!("gpt2-back-{ty}.safetensors"));
+        ok(kiln(&["convert", s(&file), s(&back)]), "kiln convert");
+        gguf_check(&file, &bundle, ty, &back);
+        if ty == "f32" {
+            let generate = |model: &Path| ok(kiln(&["generate", "--model", s(model), "--prompt", "ROMEO:", "--max-new-tokens", "16", "--temperature", "0"]), "kiln generate");
+            assert_eq!(generate(&file), generate(&bundle));
+        }
+    }
 }
 
 #[test]

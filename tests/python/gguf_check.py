@@ -5,12 +5,13 @@ check FILE.gguf BUNDLE --type T [--dequantized FILE.safetensors]:
     reads a GGUF file `kiln quantize` wrote with `gguf.GGUFReader` and checks it against the
     bundle it came from, with the package's own pieces as the reference:
     - metadata: what llama.cpp's converter writes for a Llama (architecture, shape, RoPE, norm
-      epsilon), and the tokenizer: `gpt2` model, `gpt-2` pre-tokenizer, tokens in id order,
+      epsilon) or a GPT-2 (shape, LayerNorm epsilon), and the tokenizer: `gpt2` model, `gpt-2` pre-tokenizer, tokens in id order,
       merges as in tokenizer.json, special tokens typed CONTROL, the end-of-text id;
     - tensors: the names `gguf.get_tensor_name_map` gives the bundle's tensors, shapes, types
       (1-D tensors F32, matrices T), and every tensor's bytes equal to
       `gguf.quants.quantize` of the bundle's tensor, query and key rows permuted as
-      convert_hf_to_gguf.py's `LlamaModel.permute` does;
+      convert_hf_to_gguf.py's `LlamaModel.permute` does (a GPT-2's Conv1D weights transposed,
+      as its `GPT2Model` does);
     - with --dequantized (kiln convert FILE.gguf OUT.safetensors): kiln's dequantization equals
       `gguf.quants.dequantize`, permuted back.
     Prints one JSON line: per tensor type, the largest dequantization error relative to the
@@ -56,6 +57,9 @@ def check(args):
     config = json.load(open(f"{args.bundle}/config.json"))
     tokenizer = json.load(open(f"{args.bundle}/tokenizer.json"))
     weights = load_file(f"{args.bundle}/model.safetensors")
+    if config["model_type"] == "gpt2":
+        return check_gpt2(reader, config, tokenizer, weights, args)
+    check_tokenizer(reader, config, tokenizer)
     expected = {
         "general.architecture": "llama",
         "llama.block_count": config["num_hidden_layers"],
@@ -65,8 +69,6 @@ def check(args):
         "llama.attention.head_count_kv": config["num_key_value_heads"],
         "llama.context_length": config["max_position_embeddings"],
         "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt-2",
     }
     for key, value in expected.items():
         if field(reader, key) != value:
@@ -74,7 +76,45 @@ def check(args):
     for key, value in [("llama.rope.freq_base", config["rope_theta"]), ("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])]:
         if field(reader, key) != np.float32(value):
             fail(f"{key} is {field(reader, key)}, expected {value} as float32")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
+    def to_gguf(hf, value):
+        if hf.endswith("q_proj.weight"):
+            return permute(value, heads, heads)
+        if hf.endswith("k_proj.weight"):
+            return permute(value, heads, kv_heads)
+        return value
+
+    check_tensors(reader, weights, args, gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"], to_gguf)
+
+
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def check_gpt2(reader, config, tokenizer, weights, args):
+    check_tokenizer(reader, config, tokenizer)
+    expected = {
+        "general.architecture": "gpt2",
+        "gpt2.block_count": config["n_layer"],
+        "gpt2.embedding_length": config["n_embd"],
+        "gpt2.feed_forward_length": config.get("n_inner") or 4 * config["n_embd"],
+        "gpt2.attention.head_count": config["n_head"],
+        "gpt2.context_length": config["n_positions"],
+    }
+    for key, value in expected.items():
+        if field(reader, key) != value:
+            fail(f"{key} is {field(reader, key)!r}, expected {value!r}")
+    if field(reader, "gpt2.attention.layer_norm_epsilon") != np.float32(config["layer_norm_epsilon"]):
+        fail("gpt2.attention.layer_norm_epsilon differs")
+    # The converter's GPT2Model transposes the Conv1D weights to Linear's [out, in].
+    check_tensors(reader, weights, args, gguf.MODEL_ARCH.GPT2, config["n_layer"],
+                  lambda hf, value: value.T.copy() if hf.endswith(CONV1D) else value)
+
+
+def check_tokenizer(reader, config, tokenizer):
+    for key, value in [("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "gpt-2")]:
+        if field(reader, key) != value:
+            fail(f"{key} is {field(reader, key)!r}, expected {value!r}")
     vocab = tokenizer["model"]["vocab"]
     for added in tokenizer["added_tokens"]:
         vocab[added["content"]] = added["id"]
@@ -93,11 +133,13 @@ def check(args):
     if by_id.get(eos) != "<|endoftext|>":
         fail(f"tokenizer.ggml.eos_token_id {eos} is {by_id.get(eos)!r}")
 
+
+
+def check_tensors(reader, weights, args, arch, layers, to_gguf):
     qtype = TYPES[args.type]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(arch, layers)
     tensors = {t.name: t for t in reader.tensors}
     dequantized = load_file(args.dequantized) if args.dequantized else None
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     seen = set()
     errors = {}
     for hf, value in weights.items():
@@ -106,12 +148,9 @@ def check(args):
             fail(f"no tensor for {hf} (expected {name})")
         seen.add(name)
         t = tensors[name]
+        value = to_gguf(hf, value)
         if list(reversed([int(d) for d in t.shape])) != list(value.shape):
             fail(f"{name}: shape {list(t.shape)} (ggml order) for {hf} {list(value.shape)}")
-        if hf.endswith("q_proj.weight"):
-            value = permute(value, heads, heads)
-        elif hf.endswith("k_proj.weight"):
-            value = permute(value, heads, kv_heads)
         want = Q.F32 if value.ndim == 1 else qtype
         if t.tensor_type != want:
             fail(f"{name} is {t.tensor_type.name}, expected {want.name}")
@@ -121,11 +160,7 @@ def check(args):
             fail(f"{name} ({want.name}): bytes differ from gguf.quants.quantize at {len(diff)} places, first {diff[:5]}")
         back = dequantize(t.data, want).reshape(value.shape)
         if dequantized is not None:
-            ours = dequantized[hf]
-            if hf.endswith("q_proj.weight"):
-                ours = permute(ours, heads, heads)
-            elif hf.endswith("k_proj.weight"):
-                ours = permute(ours, heads, kv_heads)
+            ours = to_gguf(hf, dequantized[hf])
             if not np.array_equal(ours.reshape(value.shape), back):
                 fail(f"{hf}: kiln's dequantization differs from gguf.quants.dequantize")
         blocks = value.reshape(-1, 32) if value.size % 32 == 0 else value.reshape(-1, value.size)
